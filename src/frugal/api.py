@@ -1,0 +1,137 @@
+"""The one-call Python interface: `frugal.compress(model_or_path, recipe, calibration)`."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .blocks import check_group_fit, quantizable_linears
+from .config import Recipe
+from .engine import LayerReport, compress_model
+from .errors import FrugalError
+from .quant.grid import QuantizedWeight
+
+log = logging.getLogger(__name__)
+
+REPORT_VERSION = 1
+
+
+@dataclass
+class CompressionReport:
+    """What was done and what it cost per layer; saved (without timings) as frugal.json."""
+
+    recipe: Recipe
+    source: str
+    calibration: dict[str, Any]
+    layers: dict[str, LayerReport]
+    seconds: float = 0.0
+
+    def to_dict(self, timings: bool = False) -> dict[str, Any]:
+        import compressed_tensors
+        import transformers
+
+        layers = {n: r.to_dict() for n, r in self.layers.items()}
+        if not timings:
+            for r in layers.values():
+                r.pop("seconds")
+        d = {
+            "format_version": REPORT_VERSION,
+            "recipe": self.recipe.to_dict(),
+            "seed": self.recipe.seed,
+            "source": self.source,
+            "calibration": self.calibration,
+            "versions": {"frugal": __version__, "torch": torch.__version__.split("+")[0],
+                         "transformers": transformers.__version__,
+                         "compressed_tensors": compressed_tensors.__version__},
+            "layers": layers,
+        }
+        if timings:
+            d["seconds"] = self.seconds
+        return d
+
+
+@dataclass
+class Compressed:
+    """A compressed model: `model` holds the dequantized weights, `quantized` the integer form."""
+
+    model: Any
+    tokenizer: Any
+    quantized: dict[str, QuantizedWeight]
+    report: CompressionReport
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, out: str | Path, overwrite: bool = False) -> Path:
+        """Write compressed-tensors `pack-quantized` plus frugal.json, atomically."""
+        from .atomic import atomic_dir
+        from .export.compressed_tensors import compressed_state_dict, quantization_config
+        from .export.hf import write_checkpoint
+
+        linears = [n for n, m in self.model.named_modules() if isinstance(m, torch.nn.Linear)]
+        with atomic_dir(out, overwrite) as tmp:
+            qc = quantization_config(self.quantized, linears)
+            write_checkpoint(self.model, self.tokenizer, tmp, compressed_state_dict(self.model, self.quantized), qc)
+            (tmp / "frugal.json").write_text(json.dumps(self.report.to_dict(), indent=2, sort_keys=True) + "\n")
+        log.info("wrote %s", out)
+        return Path(out)
+
+
+def _recipe(recipe: Recipe | dict | str | Path | None) -> Recipe:
+    if recipe is None:
+        return Recipe()
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, dict):
+        return Recipe.from_dict(recipe)
+    return Recipe.load(recipe)
+
+
+def _calibration(calibration, loaded_tok, model, recipe: Recipe) -> tuple[torch.Tensor | None, dict]:
+    """Token ids (N, L) for the recipe, and a description for frugal.json."""
+    from . import calibrate
+    from .load import shared_dir
+
+    n, seq = recipe.calibration.num_samples, recipe.calibration.seq_len
+    if recipe.method == "rtn":
+        return None, {"source": None}
+    if isinstance(calibration, torch.Tensor):
+        return calibration.long(), {"source": "tensor", "num_samples": calibration.shape[0], "seq_len": calibration.shape[1]}
+    if calibration is False or calibration == "data-free":
+        return calibrate.data_free(model, n, seq, recipe.seed), {"source": "data-free", "num_samples": n, "seq_len": seq}
+    path = Path(calibration) if calibration is not None else shared_dir() / "data" / "wikitext-2" / "valid.txt"
+    ids = calibrate.from_text(loaded_tok, path, n, seq, recipe.seed)
+    return ids, {"source": path.name, "num_samples": n, "seq_len": seq}
+
+
+def compress(model_or_path: Any = None, recipe: Recipe | dict | str | Path | None = None, calibration: Any = None,
+             *, tokenizer: Any = None, allow_pickle: bool = False, inplace: bool = False) -> Compressed:
+    """Compress a model (a transformers model, a directory, a GGUF file, or None for the default).
+
+    `calibration`: a text file (default: shared wikitext-2 valid.txt), a (N, L) tensor of token ids,
+    or "data-free" to calibrate on sequences the model generates itself.
+    """
+    recipe = _recipe(recipe)
+    if isinstance(model_or_path, torch.nn.Module):
+        model = model_or_path if inplace else copy.deepcopy(model_or_path)
+        source = type(model).__name__
+    else:
+        from .load import load_model
+
+        loaded = load_model(model_or_path, allow_pickle=allow_pickle)
+        model, tokenizer, source = loaded.model, tokenizer or loaded.tokenizer, str(loaded.source)
+    check_group_fit(quantizable_linears(model, recipe.ignore), recipe.weights)
+    torch.manual_seed(recipe.seed)
+    t0 = time.perf_counter()
+    samples, calib_info = _calibration(calibration, tokenizer, model, recipe)
+    quantized, layers = compress_model(model, recipe, samples)
+    if not quantized:
+        raise FrugalError("no linear layer was quantized (check recipe.ignore)")
+    report = CompressionReport(recipe, source, calib_info, layers, seconds=time.perf_counter() - t0)
+    return Compressed(model=model, tokenizer=tokenizer, quantized=quantized, report=report)

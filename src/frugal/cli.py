@@ -1,0 +1,223 @@
+"""The `frugal` command: compress, eval, info."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from .errors import FrugalError
+
+log = logging.getLogger("frugal")
+
+EVAL_TOKENS = 8192  # short default budget; benchmarks pass the full budget
+
+
+def _add_eval_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--text", help="evaluation text (default: shared wikitext-2-raw test split)")
+    p.add_argument("--eval-tokens", type=int, default=EVAL_TOKENS, help="first N tokens of the text (default %(default)s)")
+    p.add_argument("--seq-len", type=int, default=512, help="window length in tokens (default %(default)s)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="frugal", description="Compress causal language models and prove what it cost.")
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    ap.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    c = sub.add_parser("compress", help="quantize a model's weights and save it (compressed-tensors)")
+    c.add_argument("model", nargs="?", default=None, help="model directory or .gguf file (default: SmolLM2-135M-Instruct)")
+    c.add_argument("-o", "--output", help="output directory (default: out/<model>-<method>-w<bits>g<group>)")
+    c.add_argument("--recipe", help="recipe file (.yaml/.json); the options below override it")
+    c.add_argument("--method", choices=["gptq", "rtn"])
+    c.add_argument("--bits", type=int)
+    c.add_argument("--group-size", type=int, help="32, 64, 128, or -1 for one scale per output channel")
+    c.add_argument("--asym", action="store_true", default=None, help="asymmetric grid (with zero points)")
+    c.add_argument("--mse-clip", action="store_true", default=None, help="MSE-optimal clipping search of each group's range")
+    c.add_argument("--no-act-order", action="store_true", default=None, help="GPTQ in column order instead of activation order")
+    c.add_argument("--damp", type=float, help="GPTQ dampening, fraction of mean(diag H)")
+    c.add_argument("--samples", type=int, help="calibration samples")
+    c.add_argument("--calib-len", type=int, help="calibration sample length in tokens")
+    c.add_argument("--seed", type=int)
+    g = c.add_mutually_exclusive_group()
+    g.add_argument("--calib", help="calibration text file (default: shared wikitext-2 valid.txt)")
+    g.add_argument("--data-free", action="store_true", help="calibrate on text the model generates itself")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    c.add_argument("--allow-pickle", action="store_true", help="allow loading pickle checkpoints (runs code from the file)")
+    c.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")
+    _add_eval_options(c)
+
+    e = sub.add_parser("eval", help="perplexity, and KL / top-1 agreement against a reference")
+    e.add_argument("models", nargs="+", help="model directories or .gguf files ('default' = the default model)")
+    e.add_argument("--ref", help="reference model for KL divergence and top-1 agreement")
+    e.add_argument("--json", dest="json_out", help="also write the results to this JSON file")
+    e.add_argument("--allow-pickle", action="store_true")
+    _add_eval_options(e)
+
+    i = sub.add_parser("info", help="architecture, parameters, layers that would be quantized, memory estimate")
+    i.add_argument("model", nargs="?", default=None)
+    i.add_argument("--bits", type=int, default=4)
+    i.add_argument("--group-size", type=int, default=128)
+    i.add_argument("--samples", type=int, default=128)
+    i.add_argument("--calib-len", type=int, default=512)
+    i.add_argument("--allow-pickle", action="store_true")
+    return ap
+
+
+def _recipe_from_args(a: argparse.Namespace):
+    from .config import Recipe
+
+    d = Recipe.load(a.recipe).to_dict() if a.recipe else Recipe().to_dict()
+    sets = {("method",): a.method, ("weights", "bits"): a.bits, ("weights", "group_size"): a.group_size,
+            ("weights", "symmetric"): False if a.asym else None, ("clip", "enabled"): a.mse_clip,
+            ("gptq", "act_order"): False if a.no_act_order else None, ("gptq", "dampening"): a.damp,
+            ("calibration", "num_samples"): a.samples, ("calibration", "seq_len"): a.calib_len, ("seed",): a.seed}
+    for keys, value in sets.items():
+        if value is not None:
+            target = d
+            for k in keys[:-1]:
+                target = target[k]
+            target[keys[-1]] = value
+    return Recipe.from_dict(d)
+
+
+def _protocol(a: argparse.Namespace):
+    from .evaluate import Protocol
+    from .load import shared_dir
+
+    text = a.text or str(shared_dir() / "data" / "wikitext-2-raw" / "wiki.test.lf.raw")
+    return Protocol(text=text, seq_len=a.seq_len, max_tokens=a.eval_tokens)
+
+
+def cmd_compress(a: argparse.Namespace) -> int:
+    from .atomic import check_output_dir
+    from .load import load_model
+    from .sizes import model_bytes, saved_bytes
+
+    recipe = _recipe_from_args(a)
+    w = recipe.weights
+    source_name = Path(a.model).stem if a.model else "SmolLM2-135M-Instruct"
+    out = Path(a.output or f"out/{source_name}-{recipe.method}-w{w.bits}g{w.group_size}")
+    check_output_dir(out, a.overwrite)
+    protocol = None if a.no_eval else _protocol(a)
+    if protocol:  # fail on a bad evaluation text before any work
+        from .calibrate import read_text
+
+        read_text(protocol.text)
+    loaded = load_model(a.model, allow_pickle=a.allow_pickle)
+    size_before = model_bytes(loaded.model)
+    import frugal
+
+    t0 = time.perf_counter()
+    calibration = "data-free" if a.data_free else a.calib
+    result = frugal.compress(loaded.model, recipe, calibration, tokenizer=loaded.tokenizer, inplace=True)
+    result.report.source = str(loaded.source)
+    compress_s = time.perf_counter() - t0
+    result.save(out, overwrite=a.overwrite)
+    rows = [("weights", _fmt(size_before), _fmt(saved_bytes(out)), "")]
+    if protocol:
+        from .evaluate import evaluate
+
+        original = load_model(a.model, allow_pickle=a.allow_pickle).model
+        t1 = time.perf_counter()
+        ref, comp = evaluate({"compressed": result.model}, loaded.tokenizer, protocol, ref=original)
+        rows += [("perplexity", f"{ref.ppl:.3f}", f"{comp.ppl:.3f}", f"{100 * (comp.ppl / ref.ppl - 1):+.2f}%"),
+                 ("KL divergence (nats/token)", "0", f"{comp.kl:.5f}", ""),
+                 ("top-1 agreement", "100%", f"{100 * comp.top1:.2f}%", ""),
+                 ("evaluated tokens", str(ref.tokens), str(comp.tokens), f"{time.perf_counter() - t1:.0f} s")]
+    rows.append(("compression wall time", "", f"{compress_s:.1f} s", ""))
+    from .report import table
+
+    print(f"\n{recipe.method.upper()} W{w.bits} g{w.group_size}{'' if w.symmetric else ' asym'}: {loaded.source.name} -> {out}")
+    print(table(["", "original", "compressed", "change"], rows))
+    return 0
+
+
+def _fmt(n: int) -> str:
+    from .report import fmt_bytes
+
+    return fmt_bytes(n)
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    from .evaluate import evaluate
+    from .load import load_model
+    from .report import table
+
+    protocol = _protocol(a)
+    from .calibrate import read_text
+
+    read_text(protocol.text)
+    ref = load_model(a.ref, allow_pickle=a.allow_pickle) if a.ref else None
+    models, tokenizer = {}, ref.tokenizer if ref else None
+    for spec in a.models:
+        loaded = load_model(spec, allow_pickle=a.allow_pickle)
+        models[spec] = loaded.model
+        tokenizer = tokenizer or loaded.tokenizer
+    results = evaluate(models, tokenizer, protocol, ref=ref.model if ref else None, ref_name=f"{a.ref} (ref)")
+    rows = [(r.name, f"{r.ppl:.4f}", "" if r.kl is None else f"{r.kl:.5f}",
+             "" if r.top1 is None else f"{100 * r.top1:.2f}%", r.tokens) for r in results]
+    print(table(["model", "perplexity", "KL", "top-1", "tokens"], rows))
+    if a.json_out:
+        payload = {"protocol": protocol.__dict__, "results": [r.to_dict() for r in results]}
+        Path(a.json_out).write_text(json.dumps(payload, indent=2) + "\n")
+    return 0
+
+
+def cmd_info(a: argparse.Namespace) -> int:
+    from .blocks import find_blocks, quantizable_linears
+    from .config import WeightScheme
+    from .load import load_model
+    from .report import fmt_bytes, table
+    from .sizes import compression_estimate, model_bytes
+
+    loaded = load_model(a.model, allow_pickle=a.allow_pickle)
+    m = loaded.model
+    scheme = WeightScheme(a.bits, a.group_size)
+    scheme.validate("info")
+    blocks_name, blocks = find_blocks(m)
+    layers = quantizable_linears(m, ("lm_head",))
+    n_params = sum(p.numel() for p in {id(p): p for p in m.parameters()}.values())
+    est = compression_estimate(m, layers, scheme, a.samples, a.calib_len)
+    misfit = [n for n, l in layers.items() if a.group_size != -1 and l.in_features % a.group_size]
+    kinds: dict[str, int] = {}
+    for n in layers:
+        key = n.split(".", 3)[-1] if n.startswith(blocks_name) else n
+        kinds[key] = kinds.get(key, 0) + 1
+    print(f"{loaded.source}: {m.config.model_type} ({type(m).__name__}), {n_params / 1e6:.1f} M parameters, "
+          f"{len(blocks)} blocks at '{blocks_name}'")
+    print(table(["layer (per block)", "count", "in", "out"],
+                [(k, c, layers[next(n for n in layers if n.endswith(k))].in_features,
+                  layers[next(n for n in layers if n.endswith(k))].out_features) for k, c in kinds.items()]))
+    print(table(["memory", "bytes"], [
+        ("float weights", fmt_bytes(model_bytes(m))),
+        (f"quantized W{a.bits} g{a.group_size} (estimate)", fmt_bytes(est["output_bytes"])),
+        ("compression peak RAM (estimate)", fmt_bytes(est["peak_bytes"])),
+    ]))
+    if misfit:
+        print(f"group size {a.group_size} does not divide the input width of {len(misfit)} layers (e.g. {misfit[0]})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = _parser().parse_args(argv)
+    level = logging.DEBUG if a.verbose else logging.WARNING if a.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        return {"compress": cmd_compress, "eval": cmd_eval, "info": cmd_info}[a.cmd](a)
+    except FrugalError as e:
+        print(f"frugal: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("frugal: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

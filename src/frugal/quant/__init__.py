@@ -1,0 +1,1 @@
+"""Quantization algorithms: pure functions over tensors, no hooks and no models."""

@@ -1,0 +1,132 @@
+"""GPTQ (Frantar et al., 2022, arXiv:2210.17323): quantize columns one at a time, spreading each
+column's rounding error over the columns not yet quantized through the inverse Hessian.
+
+H = 2/n * sum_t x_t x_t^T over the layer's calibration inputs x_t (in,).  Columns are visited in
+order of decreasing diag(H) when `act_order` is set ("activation order"); the grids are then fixed
+from the original weights before any update ("static groups"), so group g still covers inputs
+[g*gs, (g+1)*gs) in the file.  Updates inside a block of `block_size` columns are applied lazily.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..config import ClipSearch, GPTQOptions, WeightScheme
+from ..errors import FrugalError
+from .grid import QuantizedWeight, grid_for, group_params, group_size_of, pack_result, quantize_codes
+
+log = logging.getLogger(__name__)
+
+
+class Hessian:
+    """Running H = 2/n X^T X of a layer's inputs; `add` takes (..., in) activations."""
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu"):
+        self.xtx = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
+        self.xtx += (x.T @ x).double()
+        self.n += x.shape[0]
+
+    def matrix(self) -> torch.Tensor:
+        if self.n == 0:
+            raise FrugalError("GPTQ needs calibration inputs, but this layer saw none")
+        return (2.0 / self.n * self.xtx).float()
+
+
+@dataclass
+class GPTQResult:
+    weight: QuantizedWeight
+    loss: float  # sum over columns of (w - q)^2 / [H^-1]_jj / 2, the GPTQ objective's estimate
+    damp: float  # dampening fraction that made H positive definite
+
+
+def _upper_inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor | None:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, or None if not positive definite."""
+    n = h.shape[0]
+    h = h + damp * torch.mean(torch.diag(h)) * torch.eye(n, dtype=h.dtype, device=h.device)
+    lower, info = torch.linalg.cholesky_ex(h)
+    if info.item() != 0:
+        return None
+    hinv = torch.cholesky_inverse(lower)
+    upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
+    return None if info.item() != 0 else upper
+
+
+def inverse_hessian(h: torch.Tensor, opts: GPTQOptions, name: str) -> tuple[torch.Tensor, float]:
+    """Dampened inverse-Hessian factor; a failed Cholesky retries with 10x the dampening."""
+    damp = opts.dampening
+    for attempt in range(opts.max_damp_retries + 1):
+        upper = _upper_inverse_cholesky(h, damp)
+        if upper is not None:
+            if attempt:
+                log.warning("%s: Cholesky failed, succeeded with dampening %.3g", name, damp)
+            return upper, damp
+        damp *= 10
+    raise FrugalError(f"{name}: Hessian is not positive definite even with dampening {damp / 10:.3g}")
+
+
+def gptq_quantize(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    scheme: WeightScheme,
+    opts: GPTQOptions,
+    clip: ClipSearch | None = None,
+    scale_dtype: torch.dtype | None = None,
+    name: str = "layer",
+) -> GPTQResult:
+    """Quantize an (out, in) weight `w` given its (in, in) Hessian `h`."""
+    scale_dtype = scale_dtype or w.dtype
+    w = w.float().clone()
+    h = h.float().clone()
+    out_f, in_f = w.shape
+    gs = group_size_of(scheme, in_f)
+
+    dead = torch.diag(h) == 0  # inputs that were always zero carry no information
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+
+    static = opts.act_order or gs == in_f
+    scale = zero = None
+    if static:
+        scale, zero = grid_for(w, scheme, scale_dtype, clip)  # (out, n_groups)
+    perm = torch.argsort(torch.diag(h), descending=True) if opts.act_order else torch.arange(in_f)
+    w, h = w[:, perm], h[perm][:, perm]
+    group_of = perm // gs  # (in,) group of each permuted column
+    hinv, damp = inverse_hessian(h, opts, name)
+
+    codes = torch.zeros_like(w)
+    losses = torch.zeros(out_f, dtype=torch.float64)
+    block = math.ceil(opts.block_size / gs) * gs if not static else opts.block_size
+    if not static:
+        scale = torch.zeros(out_f, in_f // gs)
+        zero = torch.zeros_like(scale)
+    for i1 in range(0, in_f, block):
+        i2 = min(i1 + block, in_f)
+        w1 = w[:, i1:i2].clone()  # (out, B) columns of this lazy batch
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            g = int(group_of[col])
+            if not static and col % gs == 0:  # dynamic groups: grid from the updated weights
+                scale[:, g], zero[:, g] = group_params(w1[:, i : i + gs], scheme.bits, scheme.symmetric, scale_dtype, clip)
+            s, z = scale[:, g], zero[:, g]
+            q = quantize_codes(w1[:, i], s, z, scheme.bits)  # (out,)
+            codes[:, col] = q
+            d = hinv1[i, i]
+            e = (w1[:, i] - (q - z) * s) / d
+            losses += e.double().pow(2) / 2  # (w - q)^2 / d^2 / 2
+            w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+
+    codes = codes[:, torch.argsort(perm)]
+    result = pack_result(codes, scale, zero, scheme, scale_dtype)
+    return GPTQResult(weight=result, loss=float(losses.sum()), damp=damp)
