@@ -19,6 +19,11 @@ def check_output_dir(out: str | Path, overwrite: bool) -> Path:
         raise FrugalError(f"{out}: output already exists (pass --overwrite to replace it)")
     if out.exists() and not out.is_dir():
         raise FrugalError(f"{out}: exists and is not a directory")
+    parent = next((p for p in out.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise FrugalError(f"{out}: cannot be created, {parent} is a file")
+    if parent is not None and not os.access(parent, os.W_OK):
+        raise FrugalError(f"{out}: cannot be created, {parent} is not writable")
     return out
 
 

@@ -210,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         import transformers
 
         transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()  # our own bars say what is happening
         return {"compress": cmd_compress, "eval": cmd_eval, "info": cmd_info}[a.cmd](a)
     except FrugalError as e:
         print(f"frugal: error: {e}", file=sys.stderr)

