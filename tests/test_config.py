@@ -174,8 +174,6 @@ def test_load_errors_name_the_file(tmp_path):
         Recipe.load(tmp_path / "val.yml")
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="known bug: _build sorts unknown keys, which fails on mixed str/int keys")
 def test_unknown_keys_of_mixed_types():
     """Two unknown keys of different types (possible in YAML) are still a FrugalError."""
     raises_naming({1: "x", "bitz": 4}, "unknown key")

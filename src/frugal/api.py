@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -68,17 +67,14 @@ class Compressed:
     report: CompressionReport
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def save(self, out: str | Path, overwrite: bool = False) -> Path:
-        """Write compressed-tensors `pack-quantized` plus frugal.json, atomically."""
+    def save(self, out: str | Path, overwrite: bool = False, fmt: str = "compressed-tensors") -> Path:
+        """Write the model in format `fmt` (with frugal.json) into `out`, atomically."""
         from .atomic import atomic_dir
-        from .export.compressed_tensors import compressed_state_dict, quantization_config
-        from .export.hf import write_checkpoint
+        from .export import writer
 
-        linears = [n for n, m in self.model.named_modules() if isinstance(m, torch.nn.Linear)]
+        write = writer(fmt)
         with atomic_dir(out, overwrite) as tmp:
-            qc = quantization_config(self.quantized, linears)
-            write_checkpoint(self.model, self.tokenizer, tmp, compressed_state_dict(self.model, self.quantized), qc)
-            (tmp / "frugal.json").write_text(json.dumps(self.report.to_dict(), indent=2, sort_keys=True) + "\n")
+            write(self, tmp)
         log.info("wrote %s", out)
         return Path(out)
 

@@ -160,7 +160,7 @@ def _build(cls: type, data: Any, where: str) -> Any:
         raise FrugalError(f"{where}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    unknown = sorted((str(k) for k in set(data) - names))
     if unknown:
         raise FrugalError(f"unknown key '{where}.{unknown[0]}' (known: {', '.join(sorted(names))})")
     kwargs = {k: _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()}

@@ -1,3 +1,17 @@
-"""Writers of on-disk formats. Each format is one module plus one entry in `FORMATS`."""
+"""Writers of on-disk formats. A format is one module with `write(compressed, directory)` plus one
+entry here."""
 
-FORMATS = {"compressed-tensors": "frugal.export.compressed_tensors:save"}
+from __future__ import annotations
+
+import importlib
+
+FORMATS = {"compressed-tensors": "frugal.export.compressed_tensors"}
+
+
+def writer(fmt: str):
+    """The `write(compressed, directory)` function of a format."""
+    from ..errors import FrugalError
+
+    if fmt not in FORMATS:
+        raise FrugalError(f"--format {fmt}: known formats are {', '.join(FORMATS)}")
+    return importlib.import_module(FORMATS[fmt]).write

@@ -71,3 +71,17 @@ def compressed_state_dict(model: torch.nn.Module, quantized: dict[str, Quantized
         if qw.zero_point is not None:
             sd[f"{name}.weight_zero_point"] = pack_to_int32(qw.zero_point, qw.bits, packed_dim=0)
     return sd
+
+
+def write(compressed: Any, directory: Any) -> None:
+    """Write a `frugal.api.Compressed` into an (empty, temporary) directory."""
+    import json
+
+    from .hf import write_checkpoint
+
+    model = compressed.model
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    qc = quantization_config(compressed.quantized, linears)
+    write_checkpoint(model, compressed.tokenizer, directory, compressed_state_dict(model, compressed.quantized), qc)
+    report = json.dumps(compressed.report.to_dict(), indent=2, sort_keys=True) + "\n"
+    (directory / "frugal.json").write_text(report)

@@ -64,6 +64,7 @@ def _params_from_range(
         scale = (xmax - xmin) / (qmax - qmin)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     scale = scale.to(scale_dtype).float()  # quantize against the scale the file will hold
+    scale = scale.clamp_min(torch.finfo(scale_dtype).tiny)  # a tiny range must not underflow to 0
     if not symmetric:
         zero = torch.clamp(qmin - torch.round(xmin / scale), qmin, qmax)
     return scale, zero
