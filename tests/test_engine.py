@@ -109,3 +109,17 @@ def test_data_free_calibration_is_deterministic(tiny_model_factory):
     assert a.report.calibration["source"] == "data-free"
     for name in a.quantized:
         assert torch.equal(a.quantized[name].q, b.quantized[name].q)
+
+
+def test_nan_weight_names_the_layer(tiny_model_factory):
+    """A NaN in a weight stops compression with the layer's name."""
+    import transformers
+
+    import frugal
+    from frugal.errors import FrugalError
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_factory("llama"))
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
+    with pytest.raises(FrugalError, match=r"model\.layers\.1\.mlp\.up_proj: weight has NaN"):
+        frugal.compress(model, {"method": "rtn", "weights": {"bits": 4, "group_size": 32}})

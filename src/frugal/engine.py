@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .blocks import block_linears, find_blocks, outside_linears
 from .config import Recipe
+from .errors import FrugalError
 from .quant.gptq import Hessian, gptq_quantize
 from .quant.grid import QuantizedWeight
 from .quant.rtn import rtn_quantize
@@ -165,6 +166,8 @@ def quantize_layer(name: str, lin: nn.Linear, recipe: Recipe, h: torch.Tensor | 
     """Quantize one linear layer in place (its weight becomes the dequantized grid values)."""
     t0 = time.perf_counter()
     w = lin.weight.data
+    if not torch.isfinite(w).all():
+        raise FrugalError(f"{name}: weight has NaN or Inf values")
     loss = damp = None
     if recipe.method == "gptq":
         res = gptq_quantize(w, h, recipe.weights, recipe.gptq, recipe.clip, w.dtype, name=name)
@@ -209,8 +212,6 @@ def _gptq_blocks(model, blocks_name, blocks, recipe, samples, quantized, reports
 
 
 def _check_finite(hidden: list[torch.Tensor], where: str) -> None:
-    from .errors import FrugalError
-
     if not all(torch.isfinite(h).all() for h in hidden):
         raise FrugalError(f"{where}: block output has NaN or Inf after quantization")
 
