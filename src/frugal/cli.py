@@ -50,10 +50,16 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")
     _add_eval_options(c)
 
-    e = sub.add_parser("eval", help="perplexity, and KL / top-1 agreement against a reference")
+    e = sub.add_parser("eval", help="evaluate models side by side on the same tokens (results.json, report.html)")
     e.add_argument("models", nargs="+", help="model directories or .gguf files ('default' = the default model)")
-    e.add_argument("--ref", help="reference model for KL divergence and top-1 agreement")
-    e.add_argument("--json", dest="json_out", help="also write the results to this JSON file")
+    e.add_argument("--ref", help="reference model for KL divergence, top-1 agreement and per-block error")
+    e.add_argument("-o", "--output", help="directory for results.json and report.html")
+    e.add_argument("--json", dest="json_out", help="also write results.json to this file")
+    e.add_argument("--tasks", default="", help="zero-shot tasks, comma-separated: piqa,hellaswag")
+    e.add_argument("--task-limit", type=int, default=300, help="first N items of each task (default %(default)s; 0 = all)")
+    e.add_argument("--speed", action="store_true", help="prefill/decode tokens/s, TTFT, peak RSS (one process per model)")
+    e.add_argument("--generate", action="store_true", help="greedy generations for a few prompts, side by side")
+    e.add_argument("--full", action="store_true", help="the whole evaluation text and every task item")
     e.add_argument("--allow-pickle", action="store_true")
     _add_eval_options(e)
 
@@ -143,28 +149,59 @@ def _fmt(n: int) -> str:
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
-    from .evaluate import evaluate
-    from .load import load_model
-    from .report import table
-
-    protocol = _protocol(a)
+    from .atomic import atomic_dir, check_output_dir
     from .calibrate import read_text
+    from .evalsuite import SuiteOptions, run_suite
 
+    if a.full:
+        a.eval_tokens, a.task_limit = 10**9, 0
+    protocol = _protocol(a)
     read_text(protocol.text)
-    ref = load_model(a.ref, allow_pickle=a.allow_pickle) if a.ref else None
-    models, tokenizer = {}, ref.tokenizer if ref else None
-    for spec in a.models:
-        loaded = load_model(spec, allow_pickle=a.allow_pickle)
-        models[spec] = loaded.model
-        tokenizer = tokenizer or loaded.tokenizer
-    results = evaluate(models, tokenizer, protocol, ref=ref.model if ref else None, ref_name=f"{a.ref} (ref)")
-    rows = [(r.name, f"{r.ppl:.4f}", "" if r.kl is None else f"{r.kl:.5f}",
-             "" if r.top1 is None else f"{100 * r.top1:.2f}%", r.tokens) for r in results]
-    print(table(["model", "perplexity", "KL", "top-1", "tokens"], rows))
+    tasks = {t: (a.task_limit or None) for t in a.tasks.split(",") if t}
+    unknown = [t for t in tasks if t not in ("piqa", "hellaswag")]
+    if unknown:
+        raise FrugalError(f"--tasks {unknown[0]}: known tasks are piqa, hellaswag")
+    if a.output:
+        check_output_dir(a.output, overwrite=True)
+    opts = SuiteOptions(protocol=protocol, tasks=tasks, speed=a.speed, generate=a.generate)
+    results = run_suite(a.models, a.ref, opts, allow_pickle=a.allow_pickle)
+    print(eval_table(results))
+    payload = json.dumps(results, indent=2) + "\n"
     if a.json_out:
-        payload = {"protocol": protocol.__dict__, "results": [r.to_dict() for r in results]}
-        Path(a.json_out).write_text(json.dumps(payload, indent=2) + "\n")
+        Path(a.json_out).write_text(payload)
+    if a.output:
+        from .html_report import render_html
+
+        with atomic_dir(a.output, overwrite=True) as tmp:
+            (tmp / "results.json").write_text(payload)
+            (tmp / "report.html").write_text(render_html(results))
+        log.info("wrote %s/results.json and report.html", a.output)
     return 0
+
+
+def eval_table(results: dict) -> str:
+    """One row per model: size, quality, tasks and speed where measured."""
+    from .report import fmt_bytes, table
+
+    models = results["models"]
+    tasks = sorted({t for m in models for t in (m.get("tasks") or {})})
+    headers = ["model", "size", "bits/w", "ppl", "KL", "top-1"] + [f"{t} acc/norm" for t in tasks]
+    speed = any(m.get("speed") for m in models)
+    headers += ["prefill tok/s", "decode tok/s", "peak RSS"] if speed else []
+    rows = []
+    for m in models:
+        row = [m["name"], fmt_bytes(m["size_bytes"]), "" if m.get("bits_per_weight") is None else f"{m['bits_per_weight']:.2f}",
+               f"{m['perplexity']:.4f}", "" if m.get("kl") is None else f"{m['kl']:.5f}",
+               "" if m.get("top1") is None else f"{100 * m['top1']:.2f}%"]
+        for t in tasks:
+            r = (m.get("tasks") or {}).get(t)
+            row.append("" if r is None else f"{r['acc']:.3f}/{r['acc_norm']:.3f}")
+        if speed:
+            s = m.get("speed") or {}
+            row += [f"{s['prefill_tok_s']['median']:.0f}" if s else "", f"{s['decode_tok_s']['median']:.1f}" if s else "",
+                    fmt_bytes(s["peak_rss_bytes"]) if s else ""]
+        rows.append(row)
+    return table(headers, rows)
 
 
 def cmd_info(a: argparse.Namespace) -> int:

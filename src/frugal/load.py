@@ -10,6 +10,7 @@ import importlib.util
 import json
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,6 +137,14 @@ def _check_weights(directory: Path, allow_pickle: bool) -> None:
             raise FrugalError(f"{f}: not a readable safetensors file ({str(e).splitlines()[0][:160]})") from None
 
 
+def _quant_method(directory: Path) -> str | None:
+    try:
+        cfg = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise FrugalError(f"{directory / 'config.json'}: unreadable ({e})") from None
+    return (cfg.get("quantization_config") or {}).get("quant_method")
+
+
 def load_model(spec: str | os.PathLike | None = None, *, dtype: Any = None, allow_pickle: bool = False,
                device: str = "cpu") -> Loaded:
     """Load a causal LM and its tokenizer from a directory, a GGUF file, or the default model."""
@@ -152,10 +161,15 @@ def load_model(spec: str | os.PathLike | None = None, *, dtype: Any = None, allo
     else:
         directory = source
     _check_weights(directory, allow_pickle)
+    kwargs = {}
+    if _quant_method(directory) == "compressed-tensors":  # float weights now, not at the first forward
+        kwargs["quantization_config"] = transformers.CompressedTensorsConfig(dequantize=True)
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            directory, dtype=dtype or torch.float32, use_safetensors=not allow_pickle or None
-        )
+        with warnings.catch_warnings():  # "loading attributes will be overwritten": that is the intent
+            warnings.filterwarnings("ignore", message="You passed `quantization_config`")
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                directory, dtype=dtype or torch.float32, use_safetensors=not allow_pickle or None, **kwargs
+            )
     except Exception as e:
         raise FrugalError(f"{directory}: transformers cannot load this model ({str(e).splitlines()[0][:200]})") from None
     model.to(device).eval()

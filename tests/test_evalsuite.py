@@ -1,0 +1,69 @@
+"""`frugal eval A B --ref R`: same tokens for everyone, block errors, speed, generations, results.json."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import CALIB_TEXT, EVAL_TEXT
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_model_factory, tmp_path_factory):
+    """A tiny float model and its GPTQ W4 g32 compression saved with frugal.json."""
+    import frugal
+
+    src = tiny_model_factory("llama")
+    out = tmp_path_factory.mktemp("q") / "w4"
+    recipe = {"method": "gptq", "weights": {"bits": 4, "group_size": 32}, "calibration": {"num_samples": 4, "seq_len": 64}}
+    frugal.compress(src, recipe, str(CALIB_TEXT)).save(out)
+    return src, out
+
+
+def test_block_errors_zero_for_the_reference_and_positive_for_a_compressed_model(pair):
+    from frugal.blockerror import block_errors
+    from frugal.load import load_model
+
+    src, out = pair
+    ref, comp = load_model(src).model, load_model(out).model
+    ids = torch.randint(3, 512, (1, 48), generator=torch.Generator().manual_seed(0))
+    same = block_errors(ref, ref, ids)
+    assert [b["block"] for b in same] == ["model.layers.0", "model.layers.1"]
+    assert all(b["rel_error"] == 0.0 for b in same)
+    errs = block_errors(comp, ref, ids)
+    assert all(0.001 < b["rel_error"] < 0.5 for b in errs), errs
+
+
+def test_suite_results_follow_the_schema(pair):
+    from frugal.evalsuite import SuiteOptions, run_suite
+    from frugal.evaluate import Protocol
+
+    src, out = pair
+    opts = SuiteOptions(protocol=Protocol(text=str(EVAL_TEXT), seq_len=64, max_tokens=256), generate=True, max_new_tokens=4)
+    res = run_suite([str(out)], str(src), opts)
+    assert res["schema_version"] == 1 and res["reference"] == str(src)
+    ref, comp = res["models"]
+    assert ref["is_reference"] and ref["kl"] is None and "block_errors" not in ref
+    assert not comp["is_reference"] and comp["kl"] > 0 and 0 < comp["top1"] <= 1
+    assert res["protocol"]["perplexity"]["scored_tokens"] == 4 * 63  # no BOS by default: first token unscored
+    assert comp["size_bytes"] < ref["size_bytes"]
+    # 4-bit codes plus one float32 scale per 32 weights = 5 bits per weight
+    assert comp["bits_per_weight"] == pytest.approx(4 + 32 / 32)
+    assert set(comp["layer_errors"]) and all("output_rel_error" in v for v in comp["layer_errors"].values())
+    assert len(comp["block_errors"]) == 2
+    assert len(comp["generations"]) == 4 and all(isinstance(g["text"], str) for g in comp["generations"])
+    json.dumps(res)  # serialisable as is
+
+
+def test_speed_in_its_own_process(pair):
+    src, _ = pair
+    proc = subprocess.run([sys.executable, "-m", "frugal.speed", str(src), "--repeats", "2", "--prompt-tokens", "16",
+                           "--new-tokens", "4"], capture_output=True, text=True, check=True)
+    s = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert s["prefill_tok_s"]["min"] <= s["prefill_tok_s"]["median"] <= s["prefill_tok_s"]["max"]
+    assert s["decode_tok_s"]["median"] > 0 and s["ttft_s"]["median"] > 0
+    assert 50e6 < s["peak_rss_bytes"] < 4e9
