@@ -233,3 +233,23 @@ def test_info_lists_layers(tiny_model_dir):
     proc = run_cli("info", model)
     assert proc.returncode == 0, proc.stderr
     assert "q_proj" in proc.stdout and "down_proj" in proc.stdout, proc.stdout
+
+
+def test_eval_missing_model(workspace, tiny_model_dir):
+    ref = tiny_model_dir("llama")
+    missing = workspace / "in" / "no-such-model"
+    before = tree(workspace)
+    proc = run_cli("eval", missing, "--ref", ref, "--eval-tokens", "128", "--seq-len", "64")
+    _check_untouched(workspace, before)
+    assert_clean_error(proc, missing)
+
+
+def test_eval_unreadable_model(workspace, tiny_model_dir):
+    model = tiny_model_dir("llama")
+    weights = model / "model.safetensors"
+    weights.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
+    out = workspace / "run" / "report"
+    before = tree(workspace)
+    proc = run_cli("eval", model, "-o", out, "--eval-tokens", "128", "--seq-len", "64")
+    _check_untouched(workspace, before)
+    assert_clean_error(proc, weights)

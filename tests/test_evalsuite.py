@@ -67,3 +67,23 @@ def test_speed_in_its_own_process(pair):
     assert s["prefill_tok_s"]["min"] <= s["prefill_tok_s"]["median"] <= s["prefill_tok_s"]["max"]
     assert s["decode_tok_s"]["median"] > 0 and s["ttft_s"]["median"] > 0
     assert 50e6 < s["peak_rss_bytes"] < 4e9
+
+
+def test_perplexity_equals_a_plain_reference_computation(pair):
+    """frugal's perplexity equals exp(mean of transformers' own shifted cross-entropy) per window."""
+    import math
+
+    from frugal.evaluate import Protocol, evaluate, windows
+    from frugal.load import load_model
+
+    src, _ = pair
+    lm = load_model(src)
+    protocol = Protocol(text=str(EVAL_TEXT), seq_len=64, max_tokens=640)
+    (ours,) = evaluate({"m": lm.model}, lm.tokenizer, protocol)
+    wins, bos = windows(lm.tokenizer, protocol)
+    assert bos is None
+    with torch.no_grad():
+        losses = [lm.model(w[None], labels=w[None]).loss.item() for w in wins]  # equal-length windows
+    plain = math.exp(sum(losses) / len(losses))
+    assert f"{ours.ppl:.4g}" == f"{plain:.4g}"
+    assert ours.tokens == 10 * 63
