@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup browser demo test test-fast bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -15,11 +15,18 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP)
 
+# Headless Chromium renders report.html in the report test; installed from Debian when we are root,
+# otherwise that test skips with its reason.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
+	  echo "chromium not installed: the report screenshot test will skip"; }
+
 # The main job: the default model (SmolLM2-135M-Instruct) to 4-bit GPTQ, with a before/after table.
 demo: setup
 	$(BIN)/frugal compress --method gptq --bits 4 --group-size 64 --samples 32 -o out/demo --overwrite
 
-test: setup
+test: setup browser
 	$(BIN)/pytest -q
 
 test-fast: setup
