@@ -24,7 +24,6 @@ WORK = ROOT / "bench" / ".work" / "eval_report"
 VARIANTS = {  # name -> frugal compress options
     "gptq-w4g64": ["--method", "gptq", "--bits", "4", "--group-size", "64"],
     "rtn-w4g64": ["--method", "rtn", "--bits", "4", "--group-size", "64"],
-    "gptq-w3g64": ["--method", "gptq", "--bits", "3", "--group-size", "64"],
 }
 
 
@@ -57,7 +56,7 @@ def main() -> None:
 
     transformers.logging.set_verbosity_error()
     paths = compress_variants(16 if a.quick else a.samples)
-    tokens, piqa, hellaswag = (2048, 50, 20) if a.quick else (20480, 300, 200)
+    tokens, piqa, hellaswag = (2048, 50, 20) if a.quick else (8192, 200, 100)
     protocol = Protocol(text=str(shared_dir() / "data/wikitext-2-raw/wiki.test.lf.raw"), seq_len=512, max_tokens=tokens)
     opts = SuiteOptions(protocol=protocol, tasks={"piqa": piqa, "hellaswag": hellaswag}, speed=True, generate=True)
     results = run_suite(paths, "default", opts)
