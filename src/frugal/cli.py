@@ -123,7 +123,9 @@ def cmd_compress(a: argparse.Namespace) -> int:
     result.report.source = str(loaded.source)
     compress_s = time.perf_counter() - t0
     result.save(out, overwrite=a.overwrite)
-    rows = [("weights", _fmt(size_before), _fmt(saved_bytes(out)), "")]
+    from .report import fmt_bytes
+
+    rows = [("weights", fmt_bytes(size_before), fmt_bytes(saved_bytes(out)), "")]
     if protocol:
         from .evaluate import evaluate
 
@@ -140,12 +142,6 @@ def cmd_compress(a: argparse.Namespace) -> int:
     print(f"\n{recipe.method.upper()} W{w.bits} g{w.group_size}{'' if w.symmetric else ' asym'}: {loaded.source.name} -> {out}")
     print(table(["", "original", "compressed", "change"], rows))
     return 0
-
-
-def _fmt(n: int) -> str:
-    from .report import fmt_bytes
-
-    return fmt_bytes(n)
 
 
 def cmd_eval(a: argparse.Namespace) -> int:

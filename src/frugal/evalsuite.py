@@ -43,28 +43,25 @@ class SuiteOptions:
 
 def weight_stats(path: Path) -> dict[str, Any]:
     """Bytes of the weight files and, for compressed-tensors checkpoints, average bits per quantized weight."""
+    import math
+
     from safetensors import safe_open
+
+    from .sizes import saved_bytes
 
     if path.is_file():
         return {"size_bytes": path.stat().st_size, "bits_per_weight": None}
-    files = sorted(path.glob("*.safetensors"))
-    size = sum(f.stat().st_size for f in files)
     qbits, qweights = 0, 0
-    for f in files:
+    for f in sorted(path.glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as st:
-            for k in st.keys():
-                if k.endswith(".weight_shape"):
-                    base = k[: -len("weight_shape")]
-                    shape = st.get_tensor(k).tolist()
-                    qweights += shape[0] * shape[1]
-                    for part in ("weight_packed", "weight_scale", "weight_zero_point"):
-                        if base + part in st.keys():
-                            sl = st.get_slice(base + part)
-                            n = 1
-                            for d in sl.get_shape():
-                                n *= d
-                            qbits += n * _bits(sl.get_dtype())
-    return {"size_bytes": size, "bits_per_weight": qbits / qweights if qweights else None}
+            keys = set(st.keys())
+            for base in (k[: -len("weight_shape")] for k in keys if k.endswith(".weight_shape")):
+                qweights += math.prod(st.get_tensor(base + "weight_shape").tolist())
+                for part in ("weight_packed", "weight_scale", "weight_zero_point"):
+                    if base + part in keys:
+                        sl = st.get_slice(base + part)
+                        qbits += math.prod(sl.get_shape()) * _bits(sl.get_dtype())
+    return {"size_bytes": saved_bytes(path), "bits_per_weight": qbits / qweights if qweights else None}
 
 
 def _bits(dtype: str) -> int:
