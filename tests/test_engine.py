@@ -123,3 +123,14 @@ def test_nan_weight_names_the_layer(tiny_model_factory):
         model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
     with pytest.raises(FrugalError, match=r"model\.layers\.1\.mlp\.up_proj: weight has NaN"):
         frugal.compress(model, {"method": "rtn", "weights": {"bits": 4, "group_size": 32}})
+
+
+def test_info_counts_layer_kinds_under_a_nested_block_list(tiny_model_factory, capsys):
+    """`frugal info` groups OPT's layers (blocks at model.decoder.layers) by kind, one count per block."""
+    from frugal.cli import main
+
+    assert main(["info", str(tiny_model_factory("opt")), "--group-size", "32"]) == 0
+    rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines() if line.strip()}
+    assert rows["fc1"][:3] == ["2", "64", "128"]
+    assert rows["self_attn.q_proj"][0] == "2"
+    assert rows["model.decoder.project_in"][0] == "1"

@@ -216,15 +216,14 @@ def cmd_info(a: argparse.Namespace) -> int:
     n_params = sum(p.numel() for p in {id(p): p for p in m.parameters()}.values())
     est = compression_estimate(m, layers, scheme, a.samples, a.calib_len)
     misfit = [n for n, l in layers.items() if a.group_size != -1 and l.in_features % a.group_size]
-    kinds: dict[str, int] = {}
-    for n in layers:
-        key = n.split(".", 3)[-1] if n.startswith(blocks_name) else n
-        kinds[key] = kinds.get(key, 0) + 1
+    kinds: dict[str, list] = {}  # layer kind -> [count, first layer of that kind]
+    for n, lin in layers.items():
+        key = n[len(blocks_name) + 1:].split(".", 1)[1] if n.startswith(blocks_name + ".") else n
+        kinds.setdefault(key, [0, lin])[0] += 1
     print(f"{loaded.source}: {m.config.model_type} ({type(m).__name__}), {n_params / 1e6:.1f} M parameters, "
           f"{len(blocks)} blocks at '{blocks_name}'")
     print(table(["layer (per block)", "count", "in", "out"],
-                [(k, c, layers[next(n for n in layers if n.endswith(k))].in_features,
-                  layers[next(n for n in layers if n.endswith(k))].out_features) for k, c in kinds.items()]))
+                [(k, c, lin.in_features, lin.out_features) for k, (c, lin) in kinds.items()]))
     print(table(["memory", "bytes"], [
         ("float weights", fmt_bytes(model_bytes(m))),
         (f"quantized W{a.bits} g{a.group_size} (estimate)", fmt_bytes(est["output_bytes"])),
