@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--bits", type=int)
     c.add_argument("--group-size", type=int, help="32, 64, 128, or -1 for one scale per output channel")
     c.add_argument("--asym", action="store_true", default=None, help="asymmetric grid (with zero points)")
+    c.add_argument("--scale-dtype", choices=["model", "float16", "bfloat16", "float32"],
+                   help="dtype the scales are stored in (default: the model's)")
     c.add_argument("--mse-clip", action="store_true", default=None, help="MSE-optimal clipping search of each group's range")
     c.add_argument("--no-act-order", action="store_true", default=None, help="GPTQ in column order instead of activation order")
     c.add_argument("--damp", type=float, help="GPTQ dampening, fraction of mean(diag H)")
@@ -78,7 +80,7 @@ def _recipe_from_args(a: argparse.Namespace):
 
     d = Recipe.load(a.recipe).to_dict() if a.recipe else Recipe().to_dict()
     sets = {("method",): a.method, ("weights", "bits"): a.bits, ("weights", "group_size"): a.group_size,
-            ("weights", "symmetric"): False if a.asym else None, ("clip", "enabled"): a.mse_clip,
+            ("weights", "symmetric"): False if a.asym else None, ("weights", "scale_dtype"): a.scale_dtype, ("clip", "enabled"): a.mse_clip,
             ("gptq", "act_order"): False if a.no_act_order else None, ("gptq", "dampening"): a.damp,
             ("calibration", "num_samples"): a.samples, ("calibration", "seq_len"): a.calib_len, ("seed",): a.seed}
     for keys, value in sets.items():

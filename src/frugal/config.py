@@ -18,6 +18,7 @@ from .errors import FrugalError
 RECIPE_VERSION = 1
 SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_GROUPS = (-1, 32, 64, 128)  # -1: one scale per output channel
+SCALE_DTYPES = ("model", "float16", "bfloat16", "float32")  # "model": the dtype of the weights
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,13 @@ class WeightScheme:
     bits: int = 4
     group_size: int = 128
     symmetric: bool = True
+    scale_dtype: str = "model"
+
+    def torch_scale_dtype(self, weight_dtype: "Any") -> "Any":
+        """The torch dtype scales are stored (and quantized against) in."""
+        import torch
+
+        return weight_dtype if self.scale_dtype == "model" else getattr(torch, self.scale_dtype)
 
     def validate(self, where: str) -> None:
         if self.bits not in SUPPORTED_BITS:
@@ -36,6 +44,8 @@ class WeightScheme:
                 f"{where}.group_size={self.group_size}: supported group sizes are "
                 f"{SUPPORTED_GROUPS} (-1 = per output channel)"
             )
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise FrugalError(f"{where}.scale_dtype={self.scale_dtype!r}: choose one of {', '.join(SCALE_DTYPES)}")
 
 
 @dataclass(frozen=True)

@@ -169,11 +169,12 @@ def quantize_layer(name: str, lin: nn.Linear, recipe: Recipe, h: torch.Tensor | 
     if not torch.isfinite(w).all():
         raise FrugalError(f"{name}: weight has NaN or Inf values")
     loss = damp = None
+    sdt = recipe.weights.torch_scale_dtype(w.dtype)
     if recipe.method == "gptq":
-        res = gptq_quantize(w, h, recipe.weights, recipe.gptq, recipe.clip, w.dtype, name=name)
+        res = gptq_quantize(w, h, recipe.weights, recipe.gptq, recipe.clip, sdt, name=name)
         qw, loss, damp = res.weight, res.loss, res.damp
     else:
-        qw = rtn_quantize(w, recipe.weights, recipe.clip, w.dtype)
+        qw = rtn_quantize(w, recipe.weights, recipe.clip, sdt)
     w_hat = qw.dequantize(w.dtype)
     dw = (w.float() - w_hat.float())  # (out, in)
     out_err = None

@@ -1,11 +1,17 @@
 """Writers of on-disk formats. A format is one module with `write(compressed, directory)` plus one
-entry here."""
+entry here; a module may also define `check(model, recipe)`, which raises FrugalError before any
+compression work when the format cannot hold what the recipe would produce for that model."""
 
 from __future__ import annotations
 
 import importlib
 
-FORMATS = {"compressed-tensors": "frugal.export.compressed_tensors"}
+FORMATS = {
+    "compressed-tensors": "frugal.export.compressed_tensors",
+    "gptq": "frugal.export.gptq",
+    "gguf": "frugal.export.gguf",
+    "onnx": "frugal.export.onnx",
+}
 
 
 def writer(fmt: str):
@@ -15,3 +21,11 @@ def writer(fmt: str):
     if fmt not in FORMATS:
         raise FrugalError(f"--format {fmt}: known formats are {', '.join(FORMATS)}")
     return importlib.import_module(FORMATS[fmt]).write
+
+
+def check(fmt: str, model, recipe) -> None:
+    """Fail early (one FrugalError line) if format `fmt` cannot hold `recipe` applied to `model`."""
+    writer(fmt)  # unknown format
+    module = importlib.import_module(FORMATS[fmt])
+    if hasattr(module, "check"):
+        module.check(model, recipe)
