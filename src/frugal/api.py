@@ -106,12 +106,28 @@ def _calibration(calibration, loaded_tok, model, recipe: Recipe) -> tuple[torch.
     return ids, {"source": path.name, "num_samples": n, "seq_len": seq}
 
 
+def check_plan(model: Any, recipe: Recipe, formats: tuple[str, ...] = ()) -> None:
+    """Refuse, before any work, a recipe the model's layers or the requested formats cannot take."""
+    from .export import check
+
+    if recipe.gguf_type:
+        from .engine import gguf_layer_types
+
+        gguf_layer_types(model, recipe)  # every tensor must fit a GGML type
+    else:
+        check_group_fit(quantizable_linears(model, recipe.ignore), recipe.weights)
+    for fmt in formats:
+        check(fmt, model, recipe)
+
+
 def compress(model_or_path: Any = None, recipe: Recipe | dict | str | Path | None = None, calibration: Any = None,
-             *, tokenizer: Any = None, allow_pickle: bool = False, inplace: bool = False) -> Compressed:
+             *, tokenizer: Any = None, allow_pickle: bool = False, inplace: bool = False,
+             formats: tuple[str, ...] = ()) -> Compressed:
     """Compress a model (a transformers model, a directory, a GGUF file, or None for the default).
 
     `calibration`: a text file (default: shared wikitext-2 valid.txt), a (N, L) tensor of token ids,
-    or "data-free" to calibrate on sequences the model generates itself.
+    or "data-free" to calibrate on sequences the model generates itself. `formats`: export formats
+    the result must be writable to; checked before any work.
     """
     recipe = _recipe(recipe)
     if isinstance(model_or_path, torch.nn.Module):
@@ -122,7 +138,7 @@ def compress(model_or_path: Any = None, recipe: Recipe | dict | str | Path | Non
 
         loaded = load_model(model_or_path, allow_pickle=allow_pickle)
         model, tokenizer, source = loaded.model, tokenizer or loaded.tokenizer, str(loaded.source)
-    check_group_fit(quantizable_linears(model, recipe.ignore), recipe.weights)
+    check_plan(model, recipe, formats)
     torch.manual_seed(recipe.seed)
     t0 = time.perf_counter()
     samples, calib_info = _calibration(calibration, tokenizer, model, recipe)

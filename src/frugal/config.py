@@ -108,6 +108,9 @@ class Recipe:
     calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
     ignore: tuple[str, ...] = ("lm_head",)  # fnmatch patterns of linear layers kept in float
     seed: int = 0
+    # A llama.cpp file type ("Q4_K_M", "Q4_0", ...): round onto that type's GGML grid per tensor
+    # (llama.cpp's per-tensor choice) instead of `weights`; the output can then only be GGUF.
+    gguf_type: str = ""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -121,6 +124,12 @@ class Recipe:
         self.clip.validate("recipe.clip")
         self.gptq.validate("recipe.gptq")
         self.calibration.validate("recipe.calibration")
+        if self.gguf_type:
+            from .quant.ggml_policy import FILE_TYPES
+
+            if self.gguf_type not in FILE_TYPES:
+                raise FrugalError(f"recipe.gguf_type={self.gguf_type!r}: supported llama.cpp file types are "
+                                  f"{', '.join(FILE_TYPES)}")
 
     # -- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

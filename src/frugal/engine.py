@@ -22,8 +22,9 @@ from tqdm.auto import tqdm
 from .blocks import block_linears, find_blocks, outside_linears
 from .config import Recipe
 from .errors import FrugalError
-from .quant.gptq import Hessian, gptq_quantize
+from .quant.gptq import Hessian, gptq_ggml, gptq_quantize
 from .quant.grid import QuantizedWeight
+from .quant.ggml import make_grid
 from .quant.rtn import rtn_quantize
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ class LayerReport:
     gptq_loss: float | None = None
     damp: float | None = None
     seconds: float = 0.0
+    ggml_type: str | None = None  # set when the layer was rounded onto a GGML grid (recipe.gguf_type)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items()}
@@ -162,19 +164,29 @@ class HessianHooks:
         self._seen.clear()
 
 
-def quantize_layer(name: str, lin: nn.Linear, recipe: Recipe, h: torch.Tensor | None) -> tuple[QuantizedWeight, LayerReport]:
-    """Quantize one linear layer in place (its weight becomes the dequantized grid values)."""
+def _quantize_weight(name: str, w: torch.Tensor, recipe: Recipe, h: torch.Tensor | None, ggml: str | None):
+    """(quantized weight, gptq loss, damp) for one (out, in) weight."""
+    if ggml is not None:
+        if recipe.method == "gptq" and h is not None:
+            res = gptq_ggml(w, h, ggml, recipe.gptq, name=name)
+            return res.weight, res.loss, res.damp
+        return make_grid(w, ggml), None, None
+    sdt = recipe.weights.torch_scale_dtype(w.dtype)
+    if recipe.method == "gptq":
+        res = gptq_quantize(w, h, recipe.weights, recipe.gptq, recipe.clip, sdt, name=name)
+        return res.weight, res.loss, res.damp
+    return rtn_quantize(w, recipe.weights, recipe.clip, sdt), None, None
+
+
+def quantize_layer(name: str, lin: nn.Module, recipe: Recipe, h: torch.Tensor | None,
+                   ggml: str | None = None) -> tuple[QuantizedWeight, LayerReport]:
+    """Quantize one linear layer in place (its weight becomes the dequantized grid values); `ggml`
+    names the GGML type to round onto when the recipe targets a GGUF file type."""
     t0 = time.perf_counter()
     w = lin.weight.data
     if not torch.isfinite(w).all():
         raise FrugalError(f"{name}: weight has NaN or Inf values")
-    loss = damp = None
-    sdt = recipe.weights.torch_scale_dtype(w.dtype)
-    if recipe.method == "gptq":
-        res = gptq_quantize(w, h, recipe.weights, recipe.gptq, recipe.clip, sdt, name=name)
-        qw, loss, damp = res.weight, res.loss, res.damp
-    else:
-        qw = rtn_quantize(w, recipe.weights, recipe.clip, sdt)
+    qw, loss, damp = _quantize_weight(name, w, recipe, h, ggml)
     w_hat = qw.dequantize(w.dtype)
     dw = (w.float() - w_hat.float())  # (out, in)
     out_err = None
@@ -183,7 +195,7 @@ def quantize_layer(name: str, lin: nn.Linear, recipe: Recipe, h: torch.Tensor | 
     report = LayerReport(
         bits=qw.bits, group_size=qw.group_size, symmetric=qw.zero_point is None,
         weight_rel_error=float(dw.norm() / w.float().norm().clamp_min(1e-30)),
-        output_rel_error=out_err, gptq_loss=loss, damp=damp,
+        output_rel_error=out_err, gptq_loss=loss, damp=damp, ggml_type=ggml,
     )
     lin.weight.data = w_hat
     report.seconds = time.perf_counter() - t0
@@ -195,7 +207,7 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def _gptq_blocks(model, blocks_name, blocks, recipe, samples, quantized, reports) -> None:
+def _gptq_blocks(model, blocks_name, blocks, recipe, samples, quantized, reports, ggml_types) -> None:
     inputs = capture_block_inputs(model, blocks, samples)
     bar = tqdm(blocks, desc="gptq", unit="block")
     for i, block in enumerate(bar):
@@ -206,7 +218,8 @@ def _gptq_blocks(model, blocks_name, blocks, recipe, samples, quantized, reports
                 run_block(block, x, inputs.args, kw)
                 hooks.end_sample()
         for name, lin in layers.items():
-            quantized[name], reports[name] = quantize_layer(name, lin, recipe, hooks.hessians[name].matrix())
+            h = hooks.hessians[name].matrix()
+            quantized[name], reports[name] = quantize_layer(name, lin, recipe, h, ggml_types.get(name))
         del hooks
         inputs.hidden = [run_block(block, x, inputs.args, kw) for x in inputs.hidden]
         _check_finite(inputs.hidden, f"{blocks_name}.{i}")
@@ -230,7 +243,7 @@ def _untie(model: nn.Module, name: str, lin: nn.Linear) -> None:
 
 
 @torch.no_grad()
-def _outside(model, layers, recipe, samples, quantized, reports) -> None:
+def _outside(model, layers, recipe, samples, quantized, reports, ggml_types) -> None:
     """Quantize linear layers outside the blocks (e.g. lm_head) with inputs from the quantized model."""
     hessians: dict[str, Hessian] = {}
     if recipe.method == "gptq":
@@ -242,7 +255,7 @@ def _outside(model, layers, recipe, samples, quantized, reports) -> None:
     for name, lin in layers.items():
         _untie(model, name, lin)
         h = hessians[name].matrix() if name in hessians else None
-        quantized[name], reports[name] = quantize_layer(name, lin, recipe, h)
+        quantized[name], reports[name] = quantize_layer(name, lin, recipe, h, ggml_types.get(name))
 
 
 @torch.no_grad()
@@ -253,14 +266,48 @@ def compress_model(
     blocks_name, blocks = find_blocks(model)
     quantized: dict[str, QuantizedWeight] = {}
     reports: dict[str, LayerReport] = {}
+    ggml_types = gguf_layer_types(model, recipe) if recipe.gguf_type else {}
     if recipe.method == "gptq":
         samples = samples.to(_device_of(model))
-        _gptq_blocks(model, blocks_name, blocks, recipe, samples, quantized, reports)
+        _gptq_blocks(model, blocks_name, blocks, recipe, samples, quantized, reports, ggml_types)
     else:
         for i, block in enumerate(tqdm(blocks, desc="rtn", unit="block")):
             for name, lin in block_linears(block, f"{blocks_name}.{i}", recipe.ignore).items():
-                quantized[name], reports[name] = quantize_layer(name, lin, recipe, None)
+                quantized[name], reports[name] = quantize_layer(name, lin, recipe, None, ggml_types.get(name))
     outside = outside_linears(model, blocks_name, recipe.ignore)
     if outside:
-        _outside(model, outside, recipe, samples, quantized, reports)
+        _outside(model, outside, recipe, samples, quantized, reports, ggml_types)
+    if recipe.gguf_type:
+        _gguf_rest(model, recipe, quantized, reports, ggml_types)
     return quantized, reports
+
+
+def _embedding_and_head(model: nn.Module) -> dict[str, nn.Module]:
+    """The token embedding and (if not tied to it) the output head, by module name."""
+    names = {id(m): n for n, m in model.named_modules()}
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    out = {names[id(emb)]: emb}
+    if head is not None and head.weight is not emb.weight:
+        out[names[id(head)]] = head
+    return out
+
+
+def gguf_layer_types(model: nn.Module, recipe: Recipe) -> dict[str, str]:
+    """GGML type per quantizable linear and per embedding/head, by llama.cpp's rules for the file type."""
+    from .blocks import quantizable_linears
+    from .quant.ggml_policy import layer_type
+
+    n_layers = len(find_blocks(model)[1])
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is not None and head.weight is emb.weight
+    mods = {**quantizable_linears(model, recipe.ignore), **_embedding_and_head(model)}
+    return {n: layer_type(recipe.gguf_type, n, n_layers, tied, m.weight.shape[1]) for n, m in mods.items()}
+
+
+@torch.no_grad()
+def _gguf_rest(model, recipe, quantized, reports, ggml_types) -> None:
+    """Round the embedding (and an untied head left in float) onto their GGML types, as llama.cpp
+    does, so that the model frugal evaluates is the model the GGUF file holds."""
+    for name, mod in _embedding_and_head(model).items():
+        if name not in quantized:
+            quantized[name], reports[name] = quantize_layer(name, mod, recipe, None, ggml_types[name])

@@ -25,7 +25,12 @@ def writer(fmt: str):
 
 def check(fmt: str, model, recipe) -> None:
     """Fail early (one FrugalError line) if format `fmt` cannot hold `recipe` applied to `model`."""
+    from ..errors import FrugalError
+
     writer(fmt)  # unknown format
+    if getattr(recipe, "gguf_type", "") and fmt != "gguf":
+        raise FrugalError(f"--format {fmt}: a recipe with gguf_type={recipe.gguf_type} rounds onto GGML grids, "
+                          "which only --format gguf can hold")
     module = importlib.import_module(FORMATS[fmt])
     if hasattr(module, "check"):
         module.check(model, recipe)

@@ -101,32 +101,73 @@ def gptq_quantize(
     group_of = perm // gs  # (in,) group of each permuted column
     hinv, damp = inverse_hessian(h, opts, name)
 
-    codes = torch.zeros_like(w)
-    losses = torch.zeros(out_f, dtype=torch.float64)
-    block = math.ceil(opts.block_size / gs) * gs if not static else opts.block_size
     if not static:
         scale = torch.zeros(out_f, in_f // gs)
         zero = torch.zeros_like(scale)
+
+    def quant_col(x: torch.Tensor, col: int, w1: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = int(group_of[col])
+        if not static and col % gs == 0:  # dynamic groups: grid from the updated weights
+            scale[:, g], zero[:, g] = group_params(w1[:, i : i + gs], scheme.bits, scheme.symmetric, scale_dtype, clip)
+        q = quantize_codes(x, scale[:, g], zero[:, g], scheme.bits)  # (out,)
+        return q, (q - zero[:, g]) * scale[:, g]
+
+    block = math.ceil(opts.block_size / gs) * gs if not static else opts.block_size
+    codes, loss = gptq_loop(w, hinv, block, quant_col)
+    codes = codes[:, torch.argsort(perm)]
+    result = pack_result(codes, scale, zero, scheme, scale_dtype)
+    return GPTQResult(weight=result, loss=loss, damp=damp)
+
+
+def gptq_loop(w: torch.Tensor, hinv: torch.Tensor, block: int, quant_col) -> tuple[torch.Tensor, float]:
+    """The GPTQ column sweep over (out, in) `w` (already permuted) with inverse-Hessian factor `hinv`.
+
+    `quant_col(x, j, w1, i)` returns the codes and grid values (out,) of column j (its position i in the
+    current lazy batch w1). Returns the codes (out, in) and the GPTQ loss estimate.
+    """
+    out_f, in_f = w.shape
+    codes = torch.zeros_like(w)
+    losses = torch.zeros(out_f, dtype=torch.float64)
     for i1 in range(0, in_f, block):
         i2 = min(i1 + block, in_f)
         w1 = w[:, i1:i2].clone()  # (out, B) columns of this lazy batch
         err1 = torch.zeros_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            col = i1 + i
-            g = int(group_of[col])
-            if not static and col % gs == 0:  # dynamic groups: grid from the updated weights
-                scale[:, g], zero[:, g] = group_params(w1[:, i : i + gs], scheme.bits, scheme.symmetric, scale_dtype, clip)
-            s, z = scale[:, g], zero[:, g]
-            q = quantize_codes(w1[:, i], s, z, scheme.bits)  # (out,)
-            codes[:, col] = q
-            d = hinv1[i, i]
-            e = (w1[:, i] - (q - z) * s) / d
+            q, value = quant_col(w1[:, i], i1 + i, w1, i)
+            codes[:, i1 + i] = q
+            e = (w1[:, i] - value) / hinv1[i, i]
             losses += e.double().pow(2) / 2  # (w - q)^2 / d^2 / 2
             w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
             err1[:, i] = e
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return codes, float(losses.sum())
 
-    codes = codes[:, torch.argsort(perm)]
-    result = pack_result(codes, scale, zero, scheme, scale_dtype)
-    return GPTQResult(weight=result, loss=float(losses.sum()), damp=damp)
+
+def gptq_ggml(w: torch.Tensor, h: torch.Tensor, type_name: str, opts: GPTQOptions, name: str = "layer"):
+    """GPTQ onto a GGML block grid (Q4_K, Q4_0, ...): the grid is fixed up front from the original
+    weights (range search weighted by diag H), then every column is rounded onto it with error
+    feedback. Returns a GGMLWeight whose codes the GGUF file stores exactly."""
+    from .ggml import TYPES, GGMLWeight, codes_on, make_grid, values_on
+
+    t = TYPES[type_name]
+    w = w.float().clone()
+    h = h.float().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    grid = make_grid(w, type_name, importance=torch.diag(h))
+    perm = torch.argsort(torch.diag(h), descending=True) if opts.act_order else torch.arange(w.shape[1])
+    hinv, damp = inverse_hessian(h[perm][:, perm], opts, name)
+    sub_of = perm // t.sub
+    b = grid.offset
+
+    def quant_col(x: torch.Tensor, col: int, _w1, _i) -> tuple[torch.Tensor, torch.Tensor]:
+        g = int(sub_of[col])
+        s, o = grid.scale[:, g], None if b is None else b[:, g]
+        q = codes_on(x, s, o, t)
+        return q, values_on(q, s, o)
+
+    codes, loss = gptq_loop(w[:, perm], hinv, opts.block_size, quant_col)
+    q = codes[:, torch.argsort(perm)].to(torch.int8)
+    return GPTQResult(weight=GGMLWeight(type_name, q, grid.scale, grid.offset, grid.fields), loss=loss, damp=damp)
