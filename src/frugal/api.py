@@ -147,3 +147,65 @@ def compress(model_or_path: Any = None, recipe: Recipe | dict | str | Path | Non
         raise FrugalError("no linear layer was quantized (check recipe.ignore)")
     report = CompressionReport(recipe, source, calib_info, layers, seconds=time.perf_counter() - t0)
     return Compressed(model=model, tokenizer=tokenizer, quantized=quantized, report=report)
+
+
+def _layer_reports(layers: dict[str, dict]) -> dict[str, LayerReport]:
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(LayerReport)}
+    return {n: LayerReport(**{k: v for k, v in d.items() if k in known}) for n, d in layers.items()}
+
+
+def read_compressed_tensors(directory: Path) -> dict[str, QuantizedWeight]:
+    """The integer weights of a frugal compressed-tensors directory, unpacked exactly."""
+    import json
+
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from safetensors import safe_open
+
+    cfg = json.loads((directory / "config.json").read_text()).get("quantization_config", {})
+    args = {}
+    for group in cfg.get("config_groups", {}).values():
+        args.update({t: group["weights"] for t in group["targets"]})
+    out: dict[str, QuantizedWeight] = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for key in st.keys():
+                if not key.endswith(".weight_packed"):
+                    continue
+                name = key[: -len(".weight_packed")]
+                a = args.get("Linear") or next(v for t, v in args.items() if t.startswith("re:") and
+                                                __import__("re").match(t[3:], name))
+                shape = torch.Size(st.get_tensor(f"{name}.weight_shape").tolist())
+                q = unpack_from_int32(st.get_tensor(key), a["num_bits"], shape).to(torch.int8)
+                zp = None
+                if not a["symmetric"]:
+                    packed = st.get_tensor(f"{name}.weight_zero_point")
+                    scale = st.get_tensor(f"{name}.weight_scale")
+                    zp = unpack_from_int32(packed, a["num_bits"], scale.shape, packed_dim=0).to(torch.int8)
+                out[name] = QuantizedWeight(q, st.get_tensor(f"{name}.weight_scale"), zp, a["num_bits"],
+                                            a["group_size"] or -1)
+    return out
+
+
+def load_compressed(directory: str | Path) -> Compressed:
+    """A frugal compressed-tensors output directory back as a `Compressed` (for `frugal export`)."""
+    import json
+
+    from .load import load_model
+
+    directory = Path(directory)
+    meta = directory / "frugal.json"
+    if not (directory / "config.json").is_file() or not meta.is_file():
+        raise FrugalError(f"{directory}: not a frugal compressed-tensors directory (needs config.json and frugal.json)")
+    report = json.loads(meta.read_text())
+    recipe = Recipe.from_dict(report["recipe"])
+    if recipe.gguf_type:
+        raise FrugalError(f"{directory}: compressed onto GGML grids ({recipe.gguf_type}); it exists only as GGUF")
+    loaded = load_model(directory)
+    quantized = read_compressed_tensors(directory)
+    if not quantized:
+        raise FrugalError(f"{directory}: no packed weights found (was it written with --format compressed-tensors?)")
+    rep = CompressionReport(recipe, report.get("source", str(directory)), report.get("calibration", {}),
+                            _layer_reports(report.get("layers", {})))
+    return Compressed(model=loaded.model, tokenizer=loaded.tokenizer, quantized=quantized, report=rep)

@@ -47,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     g = c.add_mutually_exclusive_group()
     g.add_argument("--calib", help="calibration text file (default: shared wikitext-2 valid.txt)")
     g.add_argument("--data-free", action="store_true", help="calibrate on text the model generates itself")
+    c.add_argument("--format", choices=FORMAT_CHOICES, help="output format (default compressed-tensors; gguf with --gguf-type)")
+    c.add_argument("--gguf-type", help="round onto a llama.cpp file type's GGML grids (Q4_0, Q4_K_M, ...); implies --format gguf")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     c.add_argument("--allow-pickle", action="store_true", help="allow loading pickle checkpoints (runs code from the file)")
     c.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")
@@ -65,6 +67,12 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--allow-pickle", action="store_true")
     _add_eval_options(e)
 
+    x = sub.add_parser("export", help="write a compressed (compressed-tensors) directory in another format")
+    x.add_argument("compressed", help="directory written by `frugal compress`")
+    x.add_argument("--format", required=True, choices=FORMAT_CHOICES)
+    x.add_argument("-o", "--output", required=True, help="output directory")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+
     i = sub.add_parser("info", help="architecture, parameters, layers that would be quantized, memory estimate")
     i.add_argument("model", nargs="?", default=None)
     i.add_argument("--bits", type=int, default=4)
@@ -75,6 +83,15 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+FORMAT_CHOICES = ["compressed-tensors", "gptq", "gguf", "onnx"]
+
+
+def _output_format(a: argparse.Namespace, recipe) -> str:
+    if recipe.gguf_type and a.format not in (None, "gguf"):
+        raise FrugalError(f"--format {a.format}: --gguf-type rounds onto GGML grids, which only --format gguf holds")
+    return a.format or ("gguf" if recipe.gguf_type else "compressed-tensors")
+
+
 def _recipe_from_args(a: argparse.Namespace):
     from .config import Recipe
 
@@ -82,7 +99,8 @@ def _recipe_from_args(a: argparse.Namespace):
     sets = {("method",): a.method, ("weights", "bits"): a.bits, ("weights", "group_size"): a.group_size,
             ("weights", "symmetric"): False if a.asym else None, ("weights", "scale_dtype"): a.scale_dtype, ("clip", "enabled"): a.mse_clip,
             ("gptq", "act_order"): False if a.no_act_order else None, ("gptq", "dampening"): a.damp,
-            ("calibration", "num_samples"): a.samples, ("calibration", "seq_len"): a.calib_len, ("seed",): a.seed}
+            ("calibration", "num_samples"): a.samples, ("calibration", "seq_len"): a.calib_len, ("seed",): a.seed,
+            ("gguf_type",): a.gguf_type}
     for keys, value in sets.items():
         if value is not None:
             target = d
@@ -107,8 +125,10 @@ def cmd_compress(a: argparse.Namespace) -> int:
 
     recipe = _recipe_from_args(a)
     w = recipe.weights
+    fmt = _output_format(a, recipe)
     source_name = Path(a.model).stem if a.model else "SmolLM2-135M-Instruct"
-    out = Path(a.output or f"out/{source_name}-{recipe.method}-w{w.bits}g{w.group_size}")
+    scheme = recipe.gguf_type or f"w{w.bits}g{w.group_size}"
+    out = Path(a.output or f"out/{source_name}-{recipe.method}-{scheme}" + ("" if fmt == "compressed-tensors" else f"-{fmt}"))
     check_output_dir(out, a.overwrite)
     protocol = None if a.no_eval else _protocol(a)
     if protocol:  # fail on a bad evaluation text before any work
@@ -121,13 +141,14 @@ def cmd_compress(a: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     calibration = "data-free" if a.data_free else a.calib
-    result = frugal.compress(loaded.model, recipe, calibration, tokenizer=loaded.tokenizer, inplace=True)
+    result = frugal.compress(loaded.model, recipe, calibration, tokenizer=loaded.tokenizer, inplace=True,
+                             formats=(fmt,))
     result.report.source = str(loaded.source)
     compress_s = time.perf_counter() - t0
-    result.save(out, overwrite=a.overwrite)
+    result.save(out, overwrite=a.overwrite, fmt=fmt)
     from .report import fmt_bytes
 
-    rows = [("weights", fmt_bytes(size_before), fmt_bytes(saved_bytes(out)), "")]
+    rows = [("weights", fmt_bytes(size_before), fmt_bytes(saved_bytes(out)), fmt)]
     if protocol:
         from .evaluate import evaluate
 
@@ -141,7 +162,8 @@ def cmd_compress(a: argparse.Namespace) -> int:
     rows.append(("compression wall time", "", f"{compress_s:.1f} s", ""))
     from .report import table
 
-    print(f"\n{recipe.method.upper()} W{w.bits} g{w.group_size}{'' if w.symmetric else ' asym'}: {loaded.source.name} -> {out}")
+    what = recipe.gguf_type or f"W{w.bits} g{w.group_size}{'' if w.symmetric else ' asym'}"
+    print(f"\n{recipe.method.upper()} {what}: {loaded.source.name} -> {out}")
     print(table(["", "original", "compressed", "change"], rows))
     return 0
 
@@ -202,6 +224,31 @@ def eval_table(results: dict) -> str:
     return table(headers, rows)
 
 
+def cmd_export(a: argparse.Namespace) -> int:
+    from .api import load_compressed
+    from .atomic import check_output_dir
+    from .export import check
+    from .report import fmt_bytes, table
+    from .sizes import saved_bytes
+
+    check_output_dir(Path(a.output), a.overwrite)
+    compressed = load_compressed(a.compressed)
+    check(a.format, compressed.model, compressed.report.recipe)
+    out = compressed.save(a.output, overwrite=a.overwrite, fmt=a.format)
+    rows = [("source", str(a.compressed), fmt_bytes(saved_bytes(Path(a.compressed))))]
+    rows.append((a.format, str(out), fmt_bytes(saved_bytes(out))))
+    print(table(["", "directory", "weights"], rows))
+    if a.format == "gguf":
+        import json
+
+        recs = json.loads((out / "frugal.json").read_text())["gguf"]["tensors"].values()
+        inexact = [r for r in recs if not r["exact"]]
+        worst = max((r["rel_error"] for r in inexact), default=0.0)
+        print(f"GGUF: {len(recs) - len(inexact)} of {len(recs)} tensors exact; largest relative change {worst:.2e}"
+              " (per tensor in frugal.json)")
+    return 0
+
+
 def cmd_info(a: argparse.Namespace) -> int:
     from .blocks import find_blocks, quantizable_linears
     from .config import WeightScheme
@@ -245,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
 
         transformers.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()  # our own bars say what is happening
-        return {"compress": cmd_compress, "eval": cmd_eval, "info": cmd_info}[a.cmd](a)
+        return {"compress": cmd_compress, "eval": cmd_eval, "info": cmd_info, "export": cmd_export}[a.cmd](a)
     except FrugalError as e:
         print(f"frugal: error: {e}", file=sys.stderr)
         return 2

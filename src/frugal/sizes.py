@@ -18,8 +18,9 @@ def model_bytes(model: nn.Module) -> int:
 
 
 def saved_bytes(directory: str | Path) -> int:
-    """Bytes of the weight files of a checkpoint directory."""
-    return sum(f.stat().st_size for f in Path(directory).glob("*.safetensors"))
+    """Bytes of the weight files of an output directory (safetensors, GGUF or ONNX)."""
+    files = [f for pat in ("*.safetensors", "*.gguf", "*.onnx", "*.onnx.data") for f in Path(directory).glob(pat)]
+    return sum(f.stat().st_size for f in files)
 
 
 def compression_estimate(model: nn.Module, layers: dict[str, nn.Linear], scheme: WeightScheme,

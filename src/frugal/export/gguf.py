@@ -108,7 +108,7 @@ def _rel(stored: torch.Tensor, ref: torch.Tensor) -> dict:
     return {"exact": err == 0.0, "rel_error": err}
 
 
-def _gguf_tensor(hf_name: str, t: torch.Tensor, qw, arch: dict, cfg) -> tuple[np.ndarray, Any, dict]:
+def _gguf_tensor(hf_name: str, t: torch.Tensor, qw, arch: dict, cfg, float_type: str = "F16") -> tuple[np.ndarray, Any, dict]:
     """(data, raw GGML type or None for a plain float array, record) of one state-dict tensor; the
     record gives the stored type and its error against frugal's weights (before any row reordering)."""
     import gguf
@@ -124,8 +124,9 @@ def _gguf_tensor(hf_name: str, t: torch.Tensor, qw, arch: dict, cfg) -> tuple[np
         gw = gw if idx is None else _take_rows(gw, idx)
         return pack(gw), getattr(gguf.GGMLQuantizationType, gw.type), record
     t = t.detach().float()
-    data = t.to(torch.float16) if t.ndim >= 2 else t
-    record = {"type": "F16" if t.ndim >= 2 else "F32", **_rel(data, t)}
+    half = t.ndim >= 2 and float_type == "F16"
+    data = t.to(torch.float16) if half else t
+    record = {"type": "F16" if half else "F32", **_rel(data, t)}
     if idx is not None:
         data = data[idx]
     if arch.get("norm_plus_one") and hf_name.endswith("norm.weight"):
@@ -133,7 +134,7 @@ def _gguf_tensor(hf_name: str, t: torch.Tensor, qw, arch: dict, cfg) -> tuple[np
     return data.numpy(), None, record
 
 
-def _tensors(compressed, arch: dict, cfg) -> list[tuple[str, np.ndarray, Any, dict]]:
+def _tensors(model, quantized: dict, arch: dict, cfg, float_type: str = "F16") -> list[tuple[str, np.ndarray, Any, dict]]:
     """(GGUF name, data, raw type, record for frugal.json) for every tensor of the model."""
     import gguf
 
@@ -141,12 +142,12 @@ def _tensors(compressed, arch: dict, cfg) -> list[tuple[str, np.ndarray, Any, di
 
     names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch["arch"].upper()), cfg.num_hidden_layers)
     out = []
-    for hf_name, t in dedupe_tied(dict(compressed.model.state_dict())).items():
+    for hf_name, t in dedupe_tied(dict(model.state_dict())).items():
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise FrugalError(f"--format gguf: no GGUF name for tensor {hf_name}")
-        qw = compressed.quantized.get(hf_name.rsplit(".", 1)[0]) if hf_name.endswith(".weight") else None
-        out.append((name, *_gguf_tensor(hf_name, t, qw, arch, cfg)))
+        qw = quantized.get(hf_name.rsplit(".", 1)[0]) if hf_name.endswith(".weight") else None
+        out.append((name, *_gguf_tensor(hf_name, t, qw, arch, cfg, float_type)))
     return out
 
 
@@ -224,41 +225,47 @@ def _add_tokenizer(w, tokenizer, n_vocab: int, model_type: str) -> None:
         SpecialVocab(Path(d), load_merges=vocab.tokenizer_model == "gpt2", n_vocab=n_vocab).add_to_gguf(w, quiet=True)
 
 
-def _file_type(compressed, records: list[dict]) -> int:
+def _file_type(gguf_type: str, records: list[dict]) -> int:
     from ..quant.ggml_policy import FILE_TYPES
 
-    gguf_type = compressed.report.recipe.gguf_type
     if gguf_type:
         return FILE_TYPES[gguf_type][1]
     quant = [r["type"] for r in records if r["type"] not in ("F16", "F32")]
     common = max(set(quant), key=quant.count) if quant else "F16"
-    return {"F16": 1, **{k: v[1] for k, v in FILE_TYPES.items()}}[common]
+    return {"F32": 0, "F16": 1, **{k: v[1] for k, v in FILE_TYPES.items()}}[common]
 
 
-def write(compressed, directory: Path) -> None:
-    """Write `directory/model.gguf` and frugal.json (with the per-tensor GGUF record)."""
+def write_gguf(path: Path, model, tokenizer, quantized: dict, source: str = "", gguf_type: str = "",
+               float_type: str = "F16") -> dict[str, dict]:
+    """Write one GGUF file; float 2-D tensors as `float_type` (F16 or F32). Returns the per-tensor record."""
     import gguf
 
-    model = compressed.model
     cfg = _text_config(model)
     arch = arch_of(model)
-    tensors = _tensors(compressed, arch, cfg)
-    w = gguf.GGUFWriter(str(Path(directory) / FILE_NAME), arch["arch"])
-    w.add_name(Path(str(compressed.report.source)).stem or "model")
+    tensors = _tensors(model, quantized, arch, cfg, float_type)
+    w = gguf.GGUFWriter(str(path), arch["arch"])
+    w.add_name(Path(source).stem or "model")
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    w.add_file_type(_file_type(compressed, [r for *_, r in tensors]))
+    w.add_file_type(_file_type(gguf_type, [r for *_, r in tensors]))
     _add_hparams(w, cfg, arch)
-    source = Path(str(compressed.report.source))
-    if source.suffix == ".gguf" and source.is_file():
-        _copy_tokenizer(w, source)
-    elif compressed.tokenizer is not None:
-        _add_tokenizer(w, compressed.tokenizer, cfg.vocab_size, cfg.model_type)
+    if source.endswith(".gguf") and Path(source).is_file():
+        _copy_tokenizer(w, Path(source))
+    elif tokenizer is not None:
+        _add_tokenizer(w, tokenizer, cfg.vocab_size, cfg.model_type)
     for name, data, raw, _ in tensors:
         w.add_tensor(name, data, raw_dtype=raw)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    return {name: r for name, _, _, r in tensors}
+
+
+def write(compressed, directory: Path) -> None:
+    """Write `directory/model.gguf` and frugal.json (with the per-tensor GGUF record)."""
+    recipe = compressed.report.recipe
+    records = write_gguf(Path(directory) / FILE_NAME, compressed.model, compressed.tokenizer, compressed.quantized,
+                         str(compressed.report.source), recipe.gguf_type)
     report = compressed.report.to_dict()
-    report["gguf"] = {"file": FILE_NAME, "tensors": {name: r for name, _, _, r in tensors}}
+    report["gguf"] = {"file": FILE_NAME, "tensors": records}
     (Path(directory) / "frugal.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
