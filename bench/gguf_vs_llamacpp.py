@@ -83,10 +83,9 @@ def main() -> None:
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     import numpy as np
-    import torch
 
     from frugal.calibrate import from_text
-    from frugal.evaluate import Protocol, evaluate, windows
+    from frugal.evaluate import Protocol, windows
     from frugal.export.gguf import write_gguf
     from frugal.load import load_model, shared_dir
 

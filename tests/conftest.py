@@ -27,6 +27,8 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "mistral": ("MistralConfig", dict(intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
                                       sliding_window=32)),
     "qwen2": ("Qwen2Config", dict(intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)),
+    # Per-head q/k RMSNorm.
+    "qwen3": ("Qwen3Config", dict(intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16)),
     # Sliding window (16) shorter than the calibration and test sequences, and one sliding plus one
     # full-attention layer: the two blocks get different masks and rotary embeddings.
     "gemma3": ("Gemma3TextConfig", dict(intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,

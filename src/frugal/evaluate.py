@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch

@@ -49,7 +49,7 @@ def ids_for(seed: int = 0) -> torch.Tensor:
     return torch.randint(3, 512, (1, 24), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])
 def test_gguf_type_recipe_reloads_in_transformers_with_identical_logits(tiny_model_dir, tmp_path, family):
     model_dir = tiny_model_dir(family, **WIDE)
     c = save(model_dir, {"method": "rtn", "gguf_type": "Q4_K_M"}, tmp_path / "out")
@@ -173,3 +173,19 @@ def test_llama_cpp_runs_the_file(tiny_model_dir, tmp_path):
         ours = c.model(ids).logits[0]
     assert (theirs.argmax(-1) == ours.argmax(-1)).float().mean() > 0.9
     assert (theirs - ours).abs().max() < 0.05 * ours.abs().max()
+
+
+def test_gemma3_reloads_with_its_sliding_window_pattern(tiny_model_dir, tmp_path):
+    """Five sliding layers then one global (Gemma 3's pattern); transformers' GGUF reader does not read the
+    attention scale (llama.cpp uses 1/sqrt(head_dim)), so it is passed to from_pretrained."""
+    import transformers
+
+    model_dir = tiny_model_dir("gemma3", num_hidden_layers=6,
+                               layer_types=["sliding_attention"] * 5 + ["full_attention"])
+    c = save(model_dir, {"method": "rtn", "gguf_type": "Q8_0"}, tmp_path / "out")
+    m = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", gguf_file="model.gguf", dtype=torch.float32,
+                                                          query_pre_attn_scalar=c.model.config.query_pre_attn_scalar)
+    assert m.config.layer_types == c.model.config.layer_types
+    ids = torch.randint(3, 512, (1, 40), generator=torch.Generator().manual_seed(3))  # longer than the window
+    with torch.no_grad():
+        assert torch.allclose(m(ids).logits, c.model(ids).logits, atol=1e-5, rtol=0)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FAMILIES, build_tiny_model, dir_digest
+from conftest import build_tiny_model, dir_digest
 
 import frugal
 from frugal.errors import FrugalError
@@ -23,7 +23,6 @@ onnx = pytest.importorskip("onnx")
 from frugal.export.onnx_runtime import OrtCausalLM  # noqa: E402
 
 # Tiny Qwen3 (q_norm/k_norm per head), shaped like conftest's other families.
-QWEN3 = ("Qwen3Config", dict(intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16))
 # ORT and torch sum in different orders; frugal's weights are reproduced exactly, so the logits
 # differ by float32 rounding only. Bound: 1e-5 of the largest logit (observed: below 1e-6).
 REL_TOL = 1e-5
@@ -87,9 +86,7 @@ class Exported:
 
 
 def _tiny(family: str, dest: Path, **config: Any) -> Path:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(FAMILIES, "qwen3", QWEN3)
-        return build_tiny_model(family, dest, **config)
+    return build_tiny_model(family, dest, **config)
 
 
 def _export(case: Case, root: Path) -> Exported:

@@ -57,6 +57,10 @@ def check(model, recipe) -> None:
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type not in ("default", "linear") if cfg.model_type == "gemma3_text" else rope_type != "default":
         raise FrugalError(f"--format gguf: rope scaling '{rope_type}' of {cfg.model_type} is not supported")
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    if cfg.model_type == "gemma3_text" and cfg.query_pre_attn_scalar != head_dim:
+        raise FrugalError(f"--format gguf: gemma3 query_pre_attn_scalar={cfg.query_pre_attn_scalar} differs from "
+                          f"head_dim={head_dim}; llama.cpp derives the attention scale from head_dim")
     if not recipe.gguf_type:
         from ..blocks import quantizable_linears
 
@@ -180,6 +184,7 @@ def _add_hparams(w, cfg, arch: dict) -> None:
     if arch["arch"] == "gemma3":
         w.add_sliding_window(cfg.sliding_window)
         w.add_sliding_window_pattern([t == "sliding_attention" for t in cfg.layer_types])
+        w.add_rope_freq_base_swa(_rope_theta(cfg, "sliding_attention"))
     elif getattr(cfg, "sliding_window", None) and arch["arch"] == "llama":
         log.warning("sliding_window=%s is not stored in GGUF llama metadata; llama.cpp attends to the full context",
                     cfg.sliding_window)

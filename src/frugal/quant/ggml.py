@@ -19,10 +19,14 @@ the file will hold them, so rounding onto the grid (round-to-nearest or GPTQ) is
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import FrugalError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 @dataclass(frozen=True)
@@ -222,7 +226,7 @@ def rtn_ggml(w: torch.Tensor, type_name: str) -> GGMLWeight:
 
 # -- packing into the bytes of a GGUF tensor ---------------------------------------------------------
 
-def _nibbles(u: "np.ndarray", halves: int, width: int) -> "np.ndarray":
+def _nibbles(u: np.ndarray, halves: int, width: int) -> np.ndarray:
     """Pack unsigned 4-bit values (n, halves * 2 * width) as low/high nibbles of (n, halves * width) bytes."""
     import numpy as np
 
@@ -230,7 +234,7 @@ def _nibbles(u: "np.ndarray", halves: int, width: int) -> "np.ndarray":
     return (u[:, :, 0] | (u[:, :, 1] << 4)).reshape(u.shape[0], -1).astype(np.uint8)
 
 
-def _k_scales(sc: "np.ndarray", mn: "np.ndarray") -> "np.ndarray":
+def _k_scales(sc: np.ndarray, mn: np.ndarray) -> np.ndarray:
     """Eight 6-bit scales and mins per block (n, 8) into the 12-byte K-quant layout."""
     import numpy as np
 
@@ -241,11 +245,11 @@ def _k_scales(sc: "np.ndarray", mn: "np.ndarray") -> "np.ndarray":
     return out
 
 
-def _f16_bytes(x: torch.Tensor) -> "np.ndarray":
+def _f16_bytes(x: torch.Tensor) -> np.ndarray:
     return x.reshape(-1, 1).to(torch.float16).numpy().view("uint8")
 
 
-def pack(gw: GGMLWeight) -> "np.ndarray":
+def pack(gw: GGMLWeight) -> np.ndarray:
     """The GGUF bytes of `gw`: (out, in / block * bytes_per_block) uint8, llama.cpp's block layouts."""
     import numpy as np
 
