@@ -177,7 +177,8 @@ def make_grid(w: torch.Tensor, type_name: str, importance: torch.Tensor | None =
               shrinks: list[float] | None = None) -> GGMLWeight:
     """The grid of type `type_name` for an (out, in) weight, codes by round-to-nearest.
 
-    `importance` (in,) weighs each input's squared error in the range search (e.g. diag of the GPTQ
+    The range search minimises each sub-block's squared error weighted by |w| + rms(sub-block) (llama.cpp's
+    weighting without an importance matrix), times `importance` (in,) when given (e.g. diag of the GPTQ
     Hessian); `shrinks` are the range factors tried (default: 1.0 down to 0.7 in 16 steps).
     """
     t = ggml_type(type_name)
@@ -186,9 +187,10 @@ def make_grid(w: torch.Tensor, type_name: str, importance: torch.Tensor | None =
         raise FrugalError(f"{type_name} needs rows whose length is a multiple of {t.block}; this weight has {in_f}")
     shrinks = shrinks or torch.linspace(1.0, 0.7, 16).tolist()
     w = w.float()
-    imp = torch.ones(in_f) if importance is None else importance.float().clamp_min(0) + 1e-12
     ws = w.reshape(-1, t.sub)  # (out * in / sub, sub)
-    weight = imp.reshape(-1, t.sub).repeat(out_f, 1)
+    weight = ws.abs() + ws.pow(2).mean(dim=1, keepdim=True).sqrt()  # (rows, sub)
+    if importance is not None:
+        weight = weight * (importance.float().clamp_min(0) + 1e-12).reshape(-1, t.sub).repeat(out_f, 1)
     s, b = search_sub_params(ws, t, weight, shrinks)
     n_sub = in_f // t.sub
     s, b = s.reshape(out_f, n_sub), None if b is None else b.reshape(out_f, n_sub)
