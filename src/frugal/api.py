@@ -70,9 +70,10 @@ class Compressed:
     def save(self, out: str | Path, overwrite: bool = False, fmt: str = "compressed-tensors") -> Path:
         """Write the model in format `fmt` (with frugal.json) into `out`, atomically."""
         from .atomic import atomic_dir
-        from .export import writer
+        from .export import check, writer
 
         write = writer(fmt)
+        check(fmt, self.model, self.report.recipe)
         with atomic_dir(out, overwrite) as tmp:
             write(self, tmp)
         log.info("wrote %s", out)
@@ -206,6 +207,10 @@ def load_compressed(directory: str | Path) -> Compressed:
     quantized = read_compressed_tensors(directory)
     if not quantized:
         raise FrugalError(f"{directory}: no packed weights found (was it written with --format compressed-tensors?)")
+    modules = dict(loaded.model.named_modules())
+    with torch.no_grad():  # frugal's arithmetic (float32), not the loader's (which may round in float16)
+        for name, qw in quantized.items():
+            modules[name].weight.data = qw.dequantize(modules[name].weight.dtype)
     rep = CompressionReport(recipe, report.get("source", str(directory)), report.get("calibration", {}),
                             _layer_reports(report.get("layers", {})))
     return Compressed(model=loaded.model, tokenizer=loaded.tokenizer, quantized=quantized, report=rep)

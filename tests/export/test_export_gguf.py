@@ -60,7 +60,8 @@ def test_gguf_type_recipe_reloads_in_transformers_with_identical_logits(tiny_mod
     config = {"head_dim": c.model.config.head_dim} if family == "qwen3" else {}
     assert torch.equal(hf_logits(tmp_path / "out", ids, **config), ours)
     records = json.loads((tmp_path / "out" / "frugal.json").read_text())["gguf"]["tensors"]
-    assert {r["type"] for r in records.values()} == {"F32", "Q4_K", "Q6_K"}
+    types = {r["type"] for r in records.values()}
+    assert {"F32", "Q4_K", "Q6_K"} <= types <= {"F32", "Q4_K", "Q6_K", "Q5_0"}  # qwen3's o_proj rows: 64 -> Q5_0
     assert all(r["exact"] for r in records.values())
 
 
