@@ -116,7 +116,11 @@ def check_plan(model: Any, recipe: Recipe, formats: tuple[str, ...] = ()) -> Non
 
         gguf_layer_types(model, recipe)  # every tensor must fit a GGML type
     else:
-        check_group_fit(quantizable_linears(model, recipe.ignore), recipe.weights)
+        by_scheme: dict = {}
+        for name, lin in quantizable_linears(model, recipe.ignore).items():
+            by_scheme.setdefault(recipe.scheme_for(name), {})[name] = lin
+        for scheme, layers in by_scheme.items():
+            check_group_fit(layers, scheme)
     for fmt in formats:
         check(fmt, model, recipe)
 

@@ -93,6 +93,24 @@ class CalibrationOptions:
             raise FrugalError(f"{where}: num_samples must be >= 1 and seq_len >= 2")
 
 
+@dataclass(frozen=True)
+class LayerOverride:
+    """A different grid for the layers whose names match `match` (fnmatch): an integer scheme, or a
+    GGML block type (Q4_K, Q6_K, ...) when the recipe targets GGUF. Mixed precision is a list of these."""
+
+    match: str = "*"
+    weights: WeightScheme = field(default_factory=WeightScheme)
+    ggml_type: str = ""
+
+    def validate(self, where: str) -> None:
+        self.weights.validate(f"{where}.weights")
+        if self.ggml_type:
+            from .quant.ggml import TYPES
+
+            if self.ggml_type not in TYPES:
+                raise FrugalError(f"{where}.ggml_type={self.ggml_type!r}: GGML types are {', '.join(TYPES)}")
+
+
 METHODS = ("rtn", "gptq")
 
 
@@ -111,6 +129,7 @@ class Recipe:
     # A llama.cpp file type ("Q4_K_M", "Q4_0", ...): round onto that type's GGML grid per tensor
     # (llama.cpp's per-tensor choice) instead of `weights`; the output can then only be GGUF.
     gguf_type: str = ""
+    overrides: tuple[LayerOverride, ...] = ()  # first match wins; layers matching none use `weights`
 
     def __post_init__(self) -> None:
         self.validate()
@@ -124,6 +143,10 @@ class Recipe:
         self.clip.validate("recipe.clip")
         self.gptq.validate("recipe.gptq")
         self.calibration.validate("recipe.calibration")
+        for i, o in enumerate(self.overrides):
+            o.validate(f"recipe.overrides[{i}]")
+            if o.ggml_type and not self.gguf_type:
+                raise FrugalError(f"recipe.overrides[{i}].ggml_type needs recipe.gguf_type (a GGUF target)")
         if self.gguf_type:
             from .quant.ggml_policy import FILE_TYPES
 
@@ -131,10 +154,23 @@ class Recipe:
                 raise FrugalError(f"recipe.gguf_type={self.gguf_type!r}: supported llama.cpp file types are "
                                   f"{', '.join(FILE_TYPES)}")
 
+    def scheme_for(self, layer: str) -> WeightScheme:
+        """The integer grid of one layer: the first matching override's, else `weights`."""
+        import fnmatch
+
+        return next((o.weights for o in self.overrides if fnmatch.fnmatchcase(layer, o.match)), self.weights)
+
+    def ggml_override(self, layer: str) -> str:
+        """The GGML type an override sets for this layer, or ""."""
+        import fnmatch
+
+        return next((o.ggml_type for o in self.overrides if fnmatch.fnmatchcase(layer, o.match)), "")
+
     # -- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["ignore"] = list(self.ignore)
+        d["overrides"] = [dataclasses.asdict(o) for o in self.overrides]
         return d
 
     def to_json(self) -> str:
@@ -191,6 +227,11 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         return _build(hint, value, where)
     origin = typing.get_origin(hint)
     if origin is tuple:
+        item = typing.get_args(hint)[0]
+        if dataclasses.is_dataclass(item):
+            if not isinstance(value, (list, tuple)):
+                raise FrugalError(f"{where}: expected a list")
+            return tuple(_build(item, v, f"{where}[{i}]") for i, v in enumerate(value))
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
             raise FrugalError(f"{where}: expected a list of strings")
         return tuple(value)

@@ -171,11 +171,12 @@ def _quantize_weight(name: str, w: torch.Tensor, recipe: Recipe, h: torch.Tensor
             res = gptq_ggml(w, h, ggml, recipe.gptq, name=name)
             return res.weight, res.loss, res.damp
         return make_grid(w, ggml), None, None
-    sdt = recipe.weights.torch_scale_dtype(w.dtype)
+    scheme = recipe.scheme_for(name)
+    sdt = scheme.torch_scale_dtype(w.dtype)
     if recipe.method == "gptq":
-        res = gptq_quantize(w, h, recipe.weights, recipe.gptq, recipe.clip, sdt, name=name)
+        res = gptq_quantize(w, h, scheme, recipe.gptq, recipe.clip, sdt, name=name)
         return res.weight, res.loss, res.damp
-    return rtn_quantize(w, recipe.weights, recipe.clip, sdt), None, None
+    return rtn_quantize(w, scheme, recipe.clip, sdt), None, None
 
 
 def quantize_layer(name: str, lin: nn.Module, recipe: Recipe, h: torch.Tensor | None,
@@ -301,7 +302,15 @@ def gguf_layer_types(model: nn.Module, recipe: Recipe) -> dict[str, str]:
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     tied = head is not None and head.weight is emb.weight
     mods = {**quantizable_linears(model, recipe.ignore), **_embedding_and_head(model)}
-    return {n: layer_type(recipe.gguf_type, n, n_layers, tied, m.weight.shape[1]) for n, m in mods.items()}
+    types = {n: recipe.ggml_override(n) or layer_type(recipe.gguf_type, n, n_layers, tied, m.weight.shape[1])
+             for n, m in mods.items()}
+    from .quant.ggml import TYPES
+
+    for n, t in types.items():
+        if mods[n].weight.shape[1] % TYPES[t].block:
+            raise FrugalError(f"{n}: {t} needs rows that are a multiple of {TYPES[t].block}; this layer has "
+                              f"{mods[n].weight.shape[1]}")
+    return types
 
 
 @torch.no_grad()

@@ -31,6 +31,9 @@ def check(fmt: str, model, recipe) -> None:
     if getattr(recipe, "gguf_type", "") and fmt != "gguf":
         raise FrugalError(f"--format {fmt}: a recipe with gguf_type={recipe.gguf_type} rounds onto GGML grids, "
                           "which only --format gguf can hold")
+    if fmt == "gptq" and getattr(recipe, "overrides", ()):
+        raise FrugalError("--format gptq: a GPTQ checkpoint holds one scheme; mixed precision (recipe.overrides) "
+                          "exports to compressed-tensors, gguf or onnx")
     module = importlib.import_module(FORMATS[fmt])
     if hasattr(module, "check"):
         module.check(model, recipe)
