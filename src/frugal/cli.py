@@ -73,6 +73,18 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("-o", "--output", required=True, help="output directory")
     x.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
 
+    an = sub.add_parser("analyze", help="per-layer sensitivity to each candidate format (table, JSON, heat map)")
+    an.add_argument("model", nargs="?", default=None)
+    an.add_argument("--formats", default=DEFAULT_FORMATS, help="candidate formats (default %(default)s)")
+    an.add_argument("--measure", default=DEFAULT_MEASURE,
+                    help="formats whose KL is measured for every layer; the first fits each layer's amplification "
+                         "(default %(default)s)")
+    an.add_argument("--samples", type=int, default=4, help="calibration sequences (default %(default)s)")
+    an.add_argument("--calib-len", type=int, default=256, help="tokens per sequence (default %(default)s)")
+    an.add_argument("--seed", type=int, default=0)
+    an.add_argument("-o", "--output", help="directory for analysis.json and heatmap.svg")
+    an.add_argument("--overwrite", action="store_true")
+
     i = sub.add_parser("info", help="architecture, parameters, layers that would be quantized, memory estimate")
     i.add_argument("model", nargs="?", default=None)
     i.add_argument("--bits", type=int, default=4)
@@ -84,6 +96,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 FORMAT_CHOICES = ["compressed-tensors", "gptq", "gguf", "onnx"]
+DEFAULT_FORMATS = "int2g32,int3g32,int3g64,int4g32,int4g64,int8g64,bf16,fp8_e4m3,fp8_e5m2,mxfp4,nvfp4"
+DEFAULT_MEASURE = "int3g64,int4g64"
 
 
 def _output_format(a: argparse.Namespace, recipe) -> str:
@@ -249,6 +263,38 @@ def cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_analyze(a: argparse.Namespace) -> int:
+    from .analyze import cached_analyze
+    from .calibrate import from_text
+    from .load import load_model, shared_dir
+    from .report import table
+    from .sensitivity_report import format_table, top_layers, write
+
+    out = Path(a.output) if a.output else None
+    if out:
+        from .atomic import check_output_dir
+
+        check_output_dir(out, a.overwrite)
+    loaded = load_model(a.model)
+    samples = from_text(loaded.tokenizer, shared_dir() / "data" / "wikitext-2" / "valid.txt", a.samples,
+                        a.calib_len, a.seed)
+    analysis, cached = cached_analyze(loaded.model, loaded.source, samples, a.formats.split(","), a.measure.split(","))
+    print(table(*format_table(analysis)))
+    print()
+    print(table(*top_layers(analysis, analysis.measured[0])))
+    secs = analysis.seconds
+    print(f"\nanalysis time: {secs['cache_and_hessians'] + secs['layers']:.0f} s"
+          f"{' (cached result)' if cached else ''}; {len(analysis.layers)} layers, "
+          f"{analysis.calibration['num_samples']} x {analysis.calibration['seq_len']} calibration tokens")
+    if out:
+        from .atomic import atomic_dir
+
+        with atomic_dir(out, a.overwrite) as tmp:
+            write(analysis, tmp)
+        print(f"wrote {out}/analysis.json and {out}/heatmap.svg")
+    return 0
+
+
 def cmd_info(a: argparse.Namespace) -> int:
     from .blocks import find_blocks, quantizable_linears
     from .config import WeightScheme
@@ -292,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
 
         transformers.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()  # our own bars say what is happening
-        return {"compress": cmd_compress, "eval": cmd_eval, "info": cmd_info, "export": cmd_export}[a.cmd](a)
+        return {"compress": cmd_compress, "eval": cmd_eval, "info": cmd_info, "export": cmd_export,
+                "analyze": cmd_analyze}[a.cmd](a)
     except FrugalError as e:
         print(f"frugal: error: {e}", file=sys.stderr)
         return 2
