@@ -189,7 +189,7 @@ def _fits(c: Candidate, in_f: int) -> bool:
         return c.scheme.group_size == -1 or in_f % c.scheme.group_size == 0
     from .quant.floats import FLOAT_FORMATS
 
-    block = FLOAT_FORMATS[c.float_fmt].block
+    block = FLOAT_FORMATS[c.float_fmt].block_size
     return not block or in_f % block == 0
 
 

@@ -32,6 +32,7 @@ class CompressionReport:
     calibration: dict[str, Any]
     layers: dict[str, LayerReport]
     seconds: float = 0.0
+    mixed: dict[str, Any] | None = None  # the mixed-precision plan (frugal compress --budget/--max-kl)
 
     def to_dict(self, timings: bool = False) -> dict[str, Any]:
         import compressed_tensors
@@ -52,6 +53,8 @@ class CompressionReport:
                          "compressed_tensors": compressed_tensors.__version__},
             "layers": layers,
         }
+        if self.mixed is not None:
+            d["mixed_precision"] = self.mixed
         if timings:
             d["seconds"] = self.seconds
         return d

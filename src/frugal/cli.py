@@ -49,6 +49,11 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--data-free", action="store_true", help="calibrate on text the model generates itself")
     c.add_argument("--format", choices=FORMAT_CHOICES, help="output format (default compressed-tensors; gguf with --gguf-type)")
     c.add_argument("--gguf-type", help="round onto a llama.cpp file type's GGML grids (Q4_0, Q4_K_M, ...); implies --format gguf")
+    c.add_argument("--budget", help="mixed precision: best predicted accuracy within e.g. 3.5bpw (quantized layers, "
+                   "scales included) or 200MB (whole checkpoint); runs (or reuses) `frugal analyze` first")
+    c.add_argument("--max-kl", type=float, help="mixed precision: the smallest model whose predicted KL is <= this")
+    c.add_argument("--candidates", default=None, help="integer formats the allocation may use "
+                   "(default: the integer formats of `frugal analyze`)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     c.add_argument("--allow-pickle", action="store_true", help="allow loading pickle checkpoints (runs code from the file)")
     c.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")
@@ -151,6 +156,9 @@ def cmd_compress(a: argparse.Namespace) -> int:
         read_text(protocol.text)
     loaded = load_model(a.model, allow_pickle=a.allow_pickle)
     size_before = model_bytes(loaded.model)
+    mixed = None
+    if a.budget or a.max_kl is not None:
+        recipe, mixed = _mixed_recipe(a, recipe, loaded)
     import frugal
 
     t0 = time.perf_counter()
@@ -158,6 +166,7 @@ def cmd_compress(a: argparse.Namespace) -> int:
     result = frugal.compress(loaded.model, recipe, calibration, tokenizer=loaded.tokenizer, inplace=True,
                              formats=(fmt,))
     result.report.source = str(loaded.source)
+    result.report.mixed = mixed
     compress_s = time.perf_counter() - t0
     result.save(out, overwrite=a.overwrite, fmt=fmt)
     from .report import fmt_bytes
@@ -180,6 +189,27 @@ def cmd_compress(a: argparse.Namespace) -> int:
     print(f"\n{recipe.method.upper()} {what}: {loaded.source.name} -> {out}")
     print(table(["", "original", "compressed", "change"], rows))
     return 0
+
+
+def _mixed_recipe(a: argparse.Namespace, recipe, loaded):
+    """Analyse (or reuse the cached analysis), allocate formats per layer within the budget, and return
+    the recipe with per-layer overrides plus the plan's summary for frugal.json."""
+    from .analyze import cached_analyze
+    from .blocks import quantizable_linears
+    from .calibrate import from_text
+    from .load import shared_dir
+    from .mixed import apply, plan
+    from .sizes import model_bytes
+
+    samples = from_text(loaded.tokenizer, shared_dir() / "data" / "wikitext-2" / "valid.txt", 4, 256, recipe.seed)
+    analysis, _ = cached_analyze(loaded.model, loaded.source, samples, DEFAULT_FORMATS.split(","),
+                                 DEFAULT_MEASURE.split(","), recipe.ignore)
+    linears = quantizable_linears(loaded.model, recipe.ignore)
+    float_bytes = model_bytes(loaded.model) - sum(l.weight.numel() * l.weight.element_size() for l in linears.values())
+    cands = a.candidates.split(",") if a.candidates else None
+    p = plan(analysis, a.budget, a.max_kl, cands, float_bytes=float_bytes)
+    log.info("mixed precision: %.3f bits/weight, predicted KL %.4g, %s", p.bpw, p.predicted_kl, p.to_dict()["count"])
+    return apply(recipe, p), p.to_dict()
 
 
 def cmd_eval(a: argparse.Namespace) -> int:

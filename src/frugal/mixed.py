@@ -1,0 +1,67 @@
+"""Automatic mixed precision: from a sensitivity analysis and a budget to per-layer recipe overrides.
+
+Only integer candidates are allocated (the formats compressed-tensors, GGUF and ONNX exports load);
+layers engines must keep on one scheme (q/k/v, gate/up, experts) are tied (frugal.allocate).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from typing import Any
+
+from .analyze import Analysis, parse_candidate
+from .config import LayerOverride, Recipe
+from .errors import FrugalError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Plan:
+    choice: dict[str, str]  # layer -> candidate
+    bytes: int  # stored bytes of the quantized layers
+    predicted_kl: float  # sum of per-layer damages
+    bpw: float  # bits per weight over the quantized layers, scales included
+
+    def to_dict(self) -> dict[str, Any]:
+        from collections import Counter
+
+        return {"bytes": self.bytes, "predicted_kl": self.predicted_kl, "bpw": self.bpw,
+                "count": dict(sorted(Counter(self.choice.values()).items())), "choice": self.choice}
+
+
+def plan(analysis: Analysis, budget: str | None = None, max_kl: float | None = None,
+         candidates: list[str] | None = None, float_bytes: int = 0, tie: bool = True) -> Plan:
+    """Choose a candidate per layer: least predicted KL within `budget` ("3.5bpw", "200MB": the whole
+    checkpoint, `float_bytes` being what stays unquantized), or the smallest within `max_kl`."""
+    from . import allocate as al
+
+    allowed = [c for c in (candidates or analysis.candidates) if parse_candidate(c).scheme is not None]
+    if not allowed:
+        raise FrugalError("mixed precision: no integer candidate format in the analysis to allocate")
+    per_layer = {ls.name: [al.Option(c, ls.bytes[c], ls.damage(c)) for c in allowed if c in ls.proxy]
+                 for ls in analysis.layers}
+    groups = al.tie_groups(list(per_layer), None if tie else [])
+    options = al.group_options(per_layer, groups)
+    n_weights = sum(ls.shape[0] * ls.shape[1] for ls in analysis.layers)
+    if (budget is None) == (max_kl is None):
+        raise FrugalError("mixed precision: give exactly one of --budget and --max-kl")
+    if budget is not None:
+        kind, value = al.parse_budget(budget)
+        max_bytes = al.bytes_for_bpw(n_weights, value) if kind == "bpw" else int(value) - float_bytes
+        group_choice = al.allocate(options, max_bytes)
+    else:
+        group_choice = al.smallest_within(options, max_kl)
+    choice = {layer: group_choice[g] for g, layers in groups.items() for layer in layers}
+    lookup = {ls.name: ls for ls in analysis.layers}
+    total = sum(lookup[n].bytes[c] for n, c in choice.items())
+    damage = sum(lookup[n].damage(c) for n, c in choice.items())
+    return Plan(choice, total, damage, 8 * total / n_weights)
+
+
+def apply(recipe: Recipe, p: Plan) -> Recipe:
+    """The recipe with one exact-name override per layer (the scheme of its chosen candidate, float16
+    scales as the plan's byte counts assume)."""
+    overrides = tuple(LayerOverride(match=name, weights=parse_candidate(c).scheme) for name, c in sorted(p.choice.items()))
+    return replace(recipe, overrides=overrides)
