@@ -1,0 +1,119 @@
+"""Sensitivity analysis and mixed precision: the tail re-run measures what a full forward measures, the
+proxy ranks layers like the measurement, the cache is reused, and a budget gives a loadable mixed model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from frugal.analyze import analyze, cached_analyze, parse_candidate
+from frugal.errors import FrugalError
+from frugal.load import load_model
+from frugal.mixed import apply, plan
+
+CANDS = ["int2g32", "int3g32", "int4g32", "int8g32", "bf16", "fp8_e4m3", "mxfp4", "nvfp4"]
+
+
+def samples() -> torch.Tensor:
+    return torch.randint(3, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def qwen3(tiny_model_factory):
+    return tiny_model_factory("qwen3")
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "opt"])
+def test_measured_kl_equals_a_full_forward_with_that_layer_quantized(tiny_model_dir, family):
+    # larger initial weights than the default 0.02: confident predictions, so a KL well above round-off
+    model = load_model(tiny_model_dir(family, initializer_range=0.2)).model
+    ids = samples()
+    a = analyze(model, ids, ["int2g32", "int4g32"], ["int2g32"])
+    layer = a.layers[len(a.layers) // 2]
+    assert layer.kl["int2g32"] > 1e-4
+    mod = dict(model.named_modules())[layer.name]
+    with torch.no_grad():
+        ref = F.log_softmax(model(ids).logits.float(), -1)
+        w = mod.weight.data.clone()
+        mod.weight.data = parse_candidate("int2g32").fake_quantize(w)
+        lp = F.log_softmax(model(ids).logits.float(), -1)
+        mod.weight.data = w
+    kl = float((ref.exp() * (ref - lp)).sum(-1).mean())
+    assert layer.kl["int2g32"] == pytest.approx(kl, rel=1e-3)
+
+
+def test_proxy_orders_formats_and_agrees_with_measurement(qwen3):
+    model = load_model(qwen3).model
+    a = analyze(model, samples(), CANDS, ["int3g32", "int2g32", "int4g32"])
+    for ls in a.layers:
+        p = ls.proxy
+        assert p["int2g32"] > p["int3g32"] > p["int4g32"] > p["int8g32"] > 0
+        assert p["mxfp4"] > p["fp8_e4m3"] > p["bf16"]
+        assert ls.bytes["int2g32"] < ls.bytes["int4g32"] < ls.bytes["int8g32"] < ls.bytes["bf16"]
+        assert ls.kl["int2g32"] > ls.kl["int4g32"]
+    assert a.spearman["int2g32"] > 0.8 and a.spearman["int4g32"] > 0.8
+    assert all(ls.amplification is not None and ls.amplification > 0 for ls in a.layers)
+
+
+def test_analysis_is_cached_and_deterministic(qwen3):
+    model = load_model(qwen3).model
+    first, cached1 = cached_analyze(model, qwen3, samples(), ["int3g32", "int4g32"], ["int3g32"])
+    again, cached2 = cached_analyze(model, qwen3, samples(), ["int3g32", "int4g32"], ["int3g32"])
+    assert not cached1 and cached2
+    assert [l.kl for l in again.layers] == [l.kl for l in first.layers]
+    fresh = analyze(model, samples(), ["int3g32", "int4g32"], ["int3g32"])
+    assert [l.proxy for l in fresh.layers] == [l.proxy for l in first.layers]
+
+
+def test_plan_respects_budget_ties_and_improves_with_budget(qwen3):
+    a = analyze(load_model(qwen3).model, samples(), CANDS, ["int3g32", "int4g32"])
+    small, large = plan(a, "3.2bpw"), plan(a, "4.6bpw")
+    assert small.bpw <= 3.2 and large.bpw <= 4.6
+    assert large.predicted_kl < small.predicted_kl
+    assert set(small.choice.values()) <= {"int2g32", "int3g32", "int4g32", "int8g32"}  # engine-loadable only
+    for i in range(2):
+        qkv = {small.choice[f"model.layers.{i}.self_attn.{p}_proj"] for p in "qkv"}
+        gate_up = {small.choice[f"model.layers.{i}.mlp.{p}_proj"] for p in ("gate", "up")}
+        assert len(qkv) == 1 and len(gate_up) == 1
+    with pytest.raises(FrugalError, match="exactly one of"):
+        plan(a)
+    with pytest.raises(FrugalError):
+        plan(a, "1bpw")
+
+
+def test_compress_budget_writes_a_mixed_model_that_reloads(qwen3, tmp_path):
+    import transformers
+
+    out = tmp_path / "mixed"
+    r = subprocess.run([sys.executable, "-m", "frugal.cli", "compress", str(qwen3), "--method", "rtn", "--budget",
+                        "3.8bpw", "--candidates", "int2g32,int3g32,int4g32,int8g32", "--no-eval", "-o", str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((out / "frugal.json").read_text())
+    assert meta["mixed_precision"]["bpw"] <= 3.8 and len(meta["mixed_precision"]["count"]) >= 2
+    bits = {v["bits"] for v in meta["layers"].values()}
+    assert len(bits) >= 2
+    import frugal
+    from frugal.config import Recipe
+
+    recipe = Recipe.from_dict(meta["recipe"])
+    c = frugal.compress(qwen3, recipe)
+    m = transformers.AutoModelForCausalLM.from_pretrained(out)
+    ids = samples()
+    with torch.no_grad():
+        assert torch.equal(m(ids).logits, c.model(ids).logits)
+
+
+def test_apply_gives_exact_overrides(qwen3):
+    from frugal.config import Recipe
+
+    a = analyze(load_model(qwen3).model, samples(), ["int3g32", "int4g32"], ["int3g32"])
+    p = plan(a, "3.9bpw")
+    r = apply(Recipe(method="rtn"), p)
+    for name, c in p.choice.items():
+        assert r.scheme_for(name).bits == int(c[3])
