@@ -117,3 +117,25 @@ def test_apply_gives_exact_overrides(qwen3):
     r = apply(Recipe(method="rtn"), p)
     for name, c in p.choice.items():
         assert r.scheme_for(name).bits == int(c[3])
+
+
+def test_gguf_budget_allocates_ggml_types_that_reload(tiny_model_dir, tmp_path):
+    import frugal
+    from frugal.config import Recipe
+
+    model_dir = tiny_model_dir("llama", hidden_size=256, intermediate_size=512)
+    a = analyze(load_model(model_dir).model, samples(), ["Q4_K", "Q5_K", "Q6_K", "Q8_0", "int4g32"], ["Q4_K"])
+    p = plan(a, "5bpw", ggml=True)
+    assert set(p.choice.values()) <= {"Q4_K", "Q5_K", "Q6_K", "Q8_0"} and len(set(p.choice.values())) >= 2
+    assert p.bpw <= 5
+    recipe = apply(Recipe(method="rtn", gguf_type="Q4_K_M"), p)
+    c = frugal.compress(model_dir, recipe)
+    c.save(tmp_path / "g", fmt="gguf")
+    tensors = json.loads((tmp_path / "g" / "frugal.json").read_text())["gguf"]["tensors"]
+    assert tensors["blk.0.attn_q.weight"]["type"] == p.choice["model.layers.0.self_attn.q_proj"]
+    import transformers
+
+    m = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "g", gguf_file="model.gguf", dtype=torch.float32)
+    ids = samples()
+    with torch.no_grad():
+        assert torch.equal(m(ids).logits, c.model(ids).logits)

@@ -37,15 +37,20 @@ FINAL = ("model.norm", "model.decoder.final_layer_norm", "model.decoder.project_
 class Candidate:
     """A weight format a layer could get: an integer grid or a simulated float format."""
 
-    name: str  # e.g. int4g64, int8g-1, fp8_e4m3, mxfp4
+    name: str  # e.g. int4g64, int8g-1, fp8_e4m3, mxfp4, Q4_K
     scheme: WeightScheme | None = None  # integer grids
     float_fmt: str = ""  # frugal.quant.floats formats
+    ggml: str = ""  # GGML block types (GGUF targets)
 
     def fake_quantize(self, w: torch.Tensor) -> torch.Tensor:
         if self.scheme is not None:
             from .quant.rtn import rtn_quantize
 
             return rtn_quantize(w, self.scheme, scale_dtype=torch.float16).dequantize(w.dtype)
+        if self.ggml:
+            from .quant.ggml import make_grid
+
+            return make_grid(w, self.ggml).dequantize(w.dtype)
         from .quant.floats import fake_quantize
 
         return fake_quantize(w, self.float_fmt).to(w.dtype)
@@ -57,6 +62,10 @@ class Candidate:
             groups = 1 if s.group_size == -1 else in_f // s.group_size
             bits = out_f * in_f * s.bits + out_f * groups * (16 + (0 if s.symmetric else s.bits))
             return (bits + 7) // 8
+        if self.ggml:
+            from .quant.ggml import TYPES
+
+            return out_f * in_f // TYPES[self.ggml].block * TYPES[self.ggml].nbytes
         from .quant.floats import bits_per_weight
 
         return int(round(out_f * in_f * bits_per_weight(self.float_fmt, in_f) / 8))
@@ -70,11 +79,14 @@ def parse_candidate(text: str) -> Candidate:
     if m:
         return Candidate(text, WeightScheme(int(m[1]), int(m[2]), symmetric=not m[3], scale_dtype="float16"))
     from .quant.floats import FLOAT_FORMATS
+    from .quant.ggml import TYPES
 
     if text in FLOAT_FORMATS:
         return Candidate(text, float_fmt=text)
+    if text in TYPES:
+        return Candidate(text, ggml=text)
     raise FrugalError(f"format {text!r}: use intBgG (B in 2,3,4,8; G in 32,64,128,-1; suffix 'a' for "
-                      f"asymmetric) or one of {', '.join(FLOAT_FORMATS)}")
+                      f"asymmetric), a float format ({', '.join(FLOAT_FORMATS)}) or a GGML type ({', '.join(TYPES)})")
 
 
 @dataclass
@@ -187,6 +199,10 @@ class Analysis:
 def _fits(c: Candidate, in_f: int) -> bool:
     if c.scheme is not None:
         return c.scheme.group_size == -1 or in_f % c.scheme.group_size == 0
+    if c.ggml:
+        from .quant.ggml import TYPES
+
+        return in_f % TYPES[c.ggml].block == 0
     from .quant.floats import FLOAT_FORMATS
 
     block = FLOAT_FORMATS[c.float_fmt].block_size

@@ -101,7 +101,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 FORMAT_CHOICES = ["compressed-tensors", "gptq", "gguf", "onnx"]
-DEFAULT_FORMATS = "int2g32,int3g32,int3g64,int4g32,int4g64,int8g64,bf16,fp8_e4m3,fp8_e5m2,mxfp4,nvfp4"
+DEFAULT_FORMATS = ("int2g32,int3g32,int3g64,int4g32,int4g64,int8g64,bf16,fp8_e4m3,fp8_e5m2,mxfp4,nvfp4,"
+                   "Q4_0,Q4_1,Q5_0,Q5_1,Q8_0,Q4_K,Q5_K,Q6_K")
 DEFAULT_MEASURE = "int3g64,int4g64"
 
 
@@ -207,7 +208,7 @@ def _mixed_recipe(a: argparse.Namespace, recipe, loaded):
     linears = quantizable_linears(loaded.model, recipe.ignore)
     float_bytes = model_bytes(loaded.model) - sum(l.weight.numel() * l.weight.element_size() for l in linears.values())
     cands = a.candidates.split(",") if a.candidates else None
-    p = plan(analysis, a.budget, a.max_kl, cands, float_bytes=float_bytes)
+    p = plan(analysis, a.budget, a.max_kl, cands, float_bytes=float_bytes, ggml=bool(recipe.gguf_type))
     log.info("mixed precision: %.3f bits/weight, predicted KL %.4g, %s", p.bpw, p.predicted_kl, p.to_dict()["count"])
     return apply(recipe, p), p.to_dict()
 

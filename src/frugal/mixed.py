@@ -32,14 +32,16 @@ class Plan:
 
 
 def plan(analysis: Analysis, budget: str | None = None, max_kl: float | None = None,
-         candidates: list[str] | None = None, float_bytes: int = 0, tie: bool = True) -> Plan:
+         candidates: list[str] | None = None, float_bytes: int = 0, tie: bool = True, ggml: bool = False) -> Plan:
     """Choose a candidate per layer: least predicted KL within `budget` ("3.5bpw", "200MB": the whole
-    checkpoint, `float_bytes` being what stays unquantized), or the smallest within `max_kl`."""
+    checkpoint, `float_bytes` being what stays unquantized), or the smallest within `max_kl`. The
+    candidates are the integer formats, or with `ggml` the GGML block types (a GGUF target)."""
     from . import allocate as al
 
-    allowed = [c for c in (candidates or analysis.candidates) if parse_candidate(c).scheme is not None]
+    kind = (lambda c: bool(c.ggml)) if ggml else (lambda c: c.scheme is not None)
+    allowed = [c for c in (candidates or analysis.candidates) if kind(parse_candidate(c))]
     if not allowed:
-        raise FrugalError("mixed precision: no integer candidate format in the analysis to allocate")
+        raise FrugalError(f"mixed precision: no {'GGML' if ggml else 'integer'} candidate format in the analysis")
     per_layer = {ls.name: [al.Option(c, ls.bytes[c], ls.damage(c)) for c in allowed if c in ls.proxy]
                  for ls in analysis.layers}
     groups = al.tie_groups(list(per_layer), None if tie else [])
@@ -63,5 +65,9 @@ def plan(analysis: Analysis, budget: str | None = None, max_kl: float | None = N
 def apply(recipe: Recipe, p: Plan) -> Recipe:
     """The recipe with one exact-name override per layer (the scheme of its chosen candidate, float16
     scales as the plan's byte counts assume)."""
-    overrides = tuple(LayerOverride(match=name, weights=parse_candidate(c).scheme) for name, c in sorted(p.choice.items()))
+    def override(name: str, c: str) -> LayerOverride:
+        cand = parse_candidate(c)
+        return LayerOverride(match=name, ggml_type=cand.ggml) if cand.ggml else LayerOverride(name, cand.scheme)
+
+    overrides = tuple(override(name, c) for name, c in sorted(p.choice.items()))
     return replace(recipe, overrides=overrides)
