@@ -49,7 +49,7 @@ def test_measured_kl_equals_a_full_forward_with_that_layer_quantized(tiny_model_
 
 def test_proxy_orders_formats_and_agrees_with_measurement(qwen3):
     model = load_model(qwen3).model
-    a = analyze(model, samples(), CANDS, ["int3g32", "int2g32", "int4g32"])
+    a = analyze(model, samples(), CANDS, ["int3g32", "int2g32", "int4g32"], check_every=1)
     for ls in a.layers:
         p = ls.proxy
         assert p["int2g32"] > p["int3g32"] > p["int4g32"] > p["int8g32"] > 0
@@ -139,3 +139,9 @@ def test_gguf_budget_allocates_ggml_types_that_reload(tiny_model_dir, tmp_path):
     ids = samples()
     with torch.no_grad():
         assert torch.equal(m(ids).logits, c.model(ids).logits)
+
+
+def test_other_measured_formats_cover_every_kth_layer(qwen3):
+    a = analyze(load_model(qwen3).model, samples(), ["int3g32", "int4g32"], ["int3g32", "int4g32"], check_every=4)
+    assert all("int3g32" in ls.kl for ls in a.layers)
+    assert [i for i, ls in enumerate(a.layers) if "int4g32" in ls.kl] == list(range(0, len(a.layers), 4))

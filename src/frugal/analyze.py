@@ -5,7 +5,8 @@ For every quantizable layer L and candidate format F:
             (H = 2/n X^T X, dW = Q_F(W) - W): cheap, computed for every pair;
   * measured KL(L, F) = mean over calibration tokens of KL(p_original || p_with-L-quantized): one
             forward of the blocks from L's block onward (earlier blocks' outputs are cached) per pair,
-            so it is measured only for the `measure` formats.
+            so it is measured only for the `measure` formats: the first on every layer, the others on
+            every `check_every`-th layer.
 Each layer's downstream amplification c_L = KL(L, F0) / P(L, F0) is fitted on the first measured
 format F0 and predicts KL(L, F) = c_L * P(L, F) for the others; the rank correlation (Spearman) of
 that prediction against the measurement on the other measured formats says whether the proxy can be
@@ -228,8 +229,9 @@ def _agreement(layers: list[LayerSensitivity], measured: list[str]) -> dict[str,
 
 @torch.no_grad()
 def analyze(model: nn.Module, samples: torch.Tensor, candidates: list[str], measure: list[str],
-            ignore: tuple[str, ...] = ("lm_head",)) -> Analysis:
-    """Proxy for every (layer, candidate) and measured KL for the `measure` candidates (see module doc)."""
+            ignore: tuple[str, ...] = ("lm_head",), check_every: int = 4) -> Analysis:
+    """Proxy for every (layer, candidate); measured KL for measure[0] on every layer (it fits c_L) and
+    for the other `measure` candidates on every `check_every`-th layer (they check the prediction)."""
     from .blocks import block_linears, find_blocks
 
     cands = {c: parse_candidate(c) for c in candidates}
@@ -245,13 +247,14 @@ def analyze(model: nn.Module, samples: torch.Tensor, candidates: list[str], meas
     bar = tqdm(total=sum(len(d) for d in per_block), desc="analyze: layers", unit="layer")
     for b, d in enumerate(per_block):
         for name, lin in d.items():
-            layers.append(_one_layer(name, lin, cands, measure, runner, b))
+            check = len(layers) % check_every == 0
+            layers.append(_one_layer(name, lin, cands, measure if check else measure[:1], runner, b))
             bar.update()
     bar.close()
     _amplify(layers, measure[0])
     seconds = {"cache_and_hessians": t1 - t0, "layers": time.perf_counter() - t1}
     return Analysis(ANALYSIS_VERSION, list(cands), list(measure), layers, _agreement(layers, measure), seconds,
-                    {"num_samples": samples.shape[0], "seq_len": samples.shape[1]})
+                    {"num_samples": samples.shape[0], "seq_len": samples.shape[1], "check_every": check_every})
 
 
 def _one_layer(name, lin, cands, measure, runner: TailRunner, b: int) -> LayerSensitivity:
