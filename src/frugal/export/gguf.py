@@ -240,6 +240,12 @@ def _file_type(gguf_type: str, records: list[dict]) -> int:
     return {"F32": 0, "F16": 1, **{k: v[1] for k, v in FILE_TYPES.items()}}[common]
 
 
+def _tensor_order(item) -> tuple[int, str]:
+    """llama-quantize's order: tensors outside the blocks first, then block by block, by name within."""
+    parts = item[0].split(".")
+    return (int(parts[1]) if parts[0] == "blk" else -1, item[0])
+
+
 def write_gguf(path: Path, model, tokenizer, quantized: dict, source: str = "", gguf_type: str = "",
                float_type: str = "F16") -> dict[str, dict]:
     """Write one GGUF file; float 2-D tensors as `float_type` (F16 or F32). Returns the per-tensor record."""
@@ -247,7 +253,7 @@ def write_gguf(path: Path, model, tokenizer, quantized: dict, source: str = "", 
 
     cfg = _text_config(model)
     arch = arch_of(model)
-    tensors = _tensors(model, quantized, arch, cfg, float_type)
+    tensors = sorted(_tensors(model, quantized, arch, cfg, float_type), key=_tensor_order)
     w = gguf.GGUFWriter(str(path), arch["arch"])
     w.add_name(Path(source).stem or "model")
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
