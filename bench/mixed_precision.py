@@ -3,7 +3,7 @@
     .venv/bin/python bench/mixed_precision.py                 # GPTQ, 32 x 512 calibration, 16 windows
     .venv/bin/python bench/mixed_precision.py --method rtn    # minutes
 
-`frugal analyze` (4 x 256 calibration tokens, cached) measures every layer's sensitivity; the allocator
+`frugal analyze` (4 x 128 calibration tokens, cached) measures every layer's sensitivity; the allocator
 picks one integer format per layer (q/k/v and gate/up tied) for budgets equal to the sizes of the
 uniform 3-bit g32 and 4-bit g64 schemes; every model is compressed with the same method and
 calibration and evaluated on the same tokens. Writes docs/mixed-precision.svg (size vs perplexity)
@@ -68,7 +68,7 @@ def main() -> None:
     src = load_model(None)
     valid = shared_dir() / "data" / "wikitext-2" / "valid.txt"
     t0 = time.perf_counter()
-    analysis, cached = cached_analyze(src.model, src.source, from_text(src.tokenizer, valid, 4, 256, 0),
+    analysis, cached = cached_analyze(src.model, src.source, from_text(src.tokenizer, valid, 4, 128, 0),
                                       DEFAULT_FORMATS.split(","), DEFAULT_MEASURE.split(","))
     analysis_s = time.perf_counter() - t0
     calib = from_text(src.tokenizer, valid, a.samples, 512, 0)

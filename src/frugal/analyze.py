@@ -51,7 +51,7 @@ class Candidate:
         if self.ggml:
             from .quant.ggml import make_grid
 
-            return make_grid(w, self.ggml).dequantize(w.dtype)
+            return make_grid(w, self.ggml, shrinks=[1.0, 0.9, 0.8]).dequantize(w.dtype)  # coarse search: a proxy
         from .quant.floats import fake_quantize
 
         return fake_quantize(w, self.float_fmt).to(w.dtype)

@@ -85,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="formats whose KL is measured for every layer; the first fits each layer's amplification "
                          "(default %(default)s)")
     an.add_argument("--samples", type=int, default=4, help="calibration sequences (default %(default)s)")
-    an.add_argument("--calib-len", type=int, default=256, help="tokens per sequence (default %(default)s)")
+    an.add_argument("--calib-len", type=int, default=128, help="tokens per sequence (default %(default)s)")
     an.add_argument("--seed", type=int, default=0)
     an.add_argument("-o", "--output", help="directory for analysis.json and heatmap.svg")
     an.add_argument("--overwrite", action="store_true")
@@ -202,7 +202,7 @@ def _mixed_recipe(a: argparse.Namespace, recipe, loaded):
     from .mixed import apply, plan
     from .sizes import model_bytes
 
-    samples = from_text(loaded.tokenizer, shared_dir() / "data" / "wikitext-2" / "valid.txt", 4, 256, recipe.seed)
+    samples = from_text(loaded.tokenizer, shared_dir() / "data" / "wikitext-2" / "valid.txt", 4, 128, recipe.seed)
     analysis, _ = cached_analyze(loaded.model, loaded.source, samples, DEFAULT_FORMATS.split(","),
                                  DEFAULT_MEASURE.split(","), recipe.ignore)
     linears = quantizable_linears(loaded.model, recipe.ignore)
