@@ -167,6 +167,7 @@ def _layer_reports(layers: dict[str, dict]) -> dict[str, LayerReport]:
 def read_compressed_tensors(directory: Path) -> dict[str, QuantizedWeight]:
     """The integer weights of a frugal compressed-tensors directory, unpacked exactly."""
     import json
+    import re
 
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
     from safetensors import safe_open
@@ -183,7 +184,7 @@ def read_compressed_tensors(directory: Path) -> dict[str, QuantizedWeight]:
                     continue
                 name = key[: -len(".weight_packed")]
                 a = args.get("Linear") or next(v for t, v in args.items() if t.startswith("re:") and
-                                                __import__("re").match(t[3:], name))
+                                                re.match(t[3:], name))
                 shape = torch.Size(st.get_tensor(f"{name}.weight_shape").tolist())
                 q = unpack_from_int32(st.get_tensor(key), a["num_bits"], shape).to(torch.int8)
                 zp = None

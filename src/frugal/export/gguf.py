@@ -55,7 +55,8 @@ def check(model, recipe) -> None:
     arch_of(model)
     scaling = getattr(cfg, "rope_scaling", None) or {}
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    if rope_type not in ("default", "linear") if cfg.model_type == "gemma3_text" else rope_type != "default":
+    allowed = ("default", "linear") if cfg.model_type == "gemma3_text" else ("default",)
+    if rope_type not in allowed:
         raise FrugalError(f"--format gguf: rope scaling '{rope_type}' of {cfg.model_type} is not supported")
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     if cfg.model_type == "gemma3_text" and cfg.query_pre_attn_scalar != head_dim:

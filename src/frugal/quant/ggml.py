@@ -221,11 +221,6 @@ def _store(t: GGMLType, s: torch.Tensor, b: torch.Tensor | None):
     return fields, s_eff, b_eff
 
 
-def rtn_ggml(w: torch.Tensor, type_name: str) -> GGMLWeight:
-    """Round-to-nearest onto a GGML type (used for tensors frugal does not calibrate, e.g. embeddings)."""
-    return make_grid(w, type_name)
-
-
 # -- packing into the bytes of a GGUF tensor ---------------------------------------------------------
 
 def _nibbles(u: np.ndarray, halves: int, width: int) -> np.ndarray:

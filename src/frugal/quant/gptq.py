@@ -146,7 +146,7 @@ def gptq_loop(w: torch.Tensor, hinv: torch.Tensor, block: int, quant_col) -> tup
 
 def gptq_ggml(w: torch.Tensor, h: torch.Tensor, type_name: str, opts: GPTQOptions, name: str = "layer"):
     """GPTQ onto a GGML block grid (Q4_K, Q4_0, ...): the grid is fixed up front from the original
-    weights (range search weighted by diag H), then every column is rounded onto it with error
+    weights (range search weighted by (|w| + rms) x diag H), then every column is rounded onto it with error
     feedback. Returns a GGMLWeight whose codes the GGUF file stores exactly."""
     from .ggml import TYPES, GGMLWeight, codes_on, make_grid, values_on
 
