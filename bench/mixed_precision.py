@@ -100,7 +100,8 @@ def main() -> None:
     if not a.no_docs:
         plot(points, ROOT / "docs" / "mixed-precision.svg")
         write_section(ROOT / "docs" / "benchmarks.md", "mixed-precision", "Mixed precision vs uniform",
-                      f".venv/bin/python bench/mixed_precision.py --method {a.method} --samples {a.samples}", body)
+                      f".venv/bin/python bench/mixed_precision.py --method {a.method} --eval-tokens {a.eval_tokens}"
+                      + (f" --samples {a.samples}" if a.method == "gptq" else ""), body)
 
 
 def llama_cpp_check() -> str:
@@ -125,11 +126,13 @@ def report(rows, analysis, analysis_s, cached, a) -> str:
 
     rho = ", ".join(f"{k} {v:.3f}" for k, v in analysis.spearman.items())
     secs = analysis.seconds
-    return (f"Default model; {a.method.upper()} with {a.samples} x 512 calibration tokens for every row, float16 "
+    how = "RTN (no calibration)" if a.method == "rtn" else f"GPTQ with {a.samples} x 512 calibration tokens"
+    return (f"Default model; {how} for every row, float16 "
             f"scales; bits/weight over the quantized layers, scales included. Perplexity, KL and top-1 against the "
             f"float model on {a.eval_tokens // 512} windows x 512 tokens of wikitext-2 test. Mixed rows: "
             f"`frugal analyze` ({analysis.calibration['num_samples']} x {analysis.calibration['seq_len']} tokens; "
-            f"measured KL for {', '.join(analysis.measured)} on every layer, c_L x proxy for the other formats; "
+            f"measured KL for {analysis.measured[0]} on every layer and for {', '.join(analysis.measured[1:])} on every "
+            f"{analysis.calibration.get('check_every', 1)}th layer (the check), c_L x proxy for the other formats; "
             f"Spearman of predicted vs measured KL: {rho}; analysis time "
             f"{secs['cache_and_hessians'] + secs['layers']:.0f} s on this CPU{' (cached)' if cached else ''}), then "
             f"the allocator's least predicted KL within the budget over int2/3/4/8 formats (q/k/v and gate/up "
