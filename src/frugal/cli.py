@@ -272,14 +272,12 @@ def eval_table(results: dict) -> str:
 def cmd_export(a: argparse.Namespace) -> int:
     from .api import load_compressed
     from .atomic import check_output_dir
-    from .export import check
     from .report import fmt_bytes, table
     from .sizes import saved_bytes
 
     check_output_dir(Path(a.output), a.overwrite)
     compressed = load_compressed(a.compressed)
-    check(a.format, compressed.model, compressed.report.recipe)
-    out = compressed.save(a.output, overwrite=a.overwrite, fmt=a.format)
+    out = compressed.save(a.output, overwrite=a.overwrite, fmt=a.format)  # checks the format first
     rows = [("source", str(a.compressed), fmt_bytes(saved_bytes(Path(a.compressed))))]
     rows.append((a.format, str(out), fmt_bytes(saved_bytes(out))))
     print(table(["", "directory", "weights"], rows))
