@@ -145,3 +145,37 @@ def test_other_measured_formats_cover_every_kth_layer(qwen3):
     a = analyze(load_model(qwen3).model, samples(), ["int3g32", "int4g32"], ["int3g32", "int4g32"], check_every=4)
     assert all("int3g32" in ls.kl for ls in a.layers)
     assert [i for i, ls in enumerate(a.layers) if "int4g32" in ls.kl] == list(range(0, len(a.layers), 4))
+
+
+def test_max_kl_is_measured_and_the_target_tightened(qwen3, tmp_path, monkeypatch):
+    """--max-kl: the first compression's measured KL is reported above the limit (patched), so a second,
+    tighter plan runs; the result records the measured KL and the rounds."""
+    import frugal.mixed
+    from frugal import cli
+
+    real = frugal.mixed.measured_kl
+    calls = []
+
+    def first_too_high(ref, model, ids):
+        kl = real(ref, model, ids)
+        calls.append(kl)
+        return 1.5 * kl if len(calls) == 1 else kl
+
+    monkeypatch.setattr(frugal.mixed, "measured_kl", first_too_high)
+    out = tmp_path / "mk"
+    rc = cli.main(["compress", str(qwen3), "--method", "rtn", "--max-kl", "0.0006", "--candidates",
+                   "int2g32,int3g32,int4g32,int8g32", "--no-eval", "-o", str(out)])
+    assert rc == 0 and len(calls) == 2
+    meta = json.loads((out / "frugal.json").read_text())["mixed_precision"]
+    assert meta["rounds"] == 2 and meta["measured_kl"] <= 0.0006 and meta["measured_kl"] == calls[1]
+    assert meta["predicted_kl"] < 0.0006  # the tightened target
+
+
+def test_max_kl_below_what_the_candidates_reach_is_one_line(qwen3, tmp_path, capsys):
+    from frugal import cli
+
+    rc = cli.main(["compress", str(qwen3), "--method", "rtn", "--max-kl", "1e-9", "--candidates", "int2g32,int3g32",
+                   "--no-eval", "-o", str(tmp_path / "x")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("frugal: error: --max-kl 1e-09:") and "\n" not in err
+    assert not (tmp_path / "x").exists()

@@ -157,15 +157,18 @@ def cmd_compress(a: argparse.Namespace) -> int:
         read_text(protocol.text)
     loaded = load_model(a.model, allow_pickle=a.allow_pickle)
     size_before = model_bytes(loaded.model)
-    mixed = None
-    if a.budget or a.max_kl is not None:
-        recipe, mixed = _mixed_recipe(a, recipe, loaded)
     import frugal
 
     t0 = time.perf_counter()
     calibration = "data-free" if a.data_free else a.calib
-    result = frugal.compress(loaded.model, recipe, calibration, tokenizer=loaded.tokenizer, inplace=True,
-                             formats=(fmt,))
+    mixed = None
+    if a.max_kl is not None:
+        result, mixed = _compress_within_kl(a, recipe, loaded, calibration, fmt)
+    else:
+        if a.budget:
+            recipe, mixed = _mixed_planner(a, recipe, loaded)[0](None)
+        result = frugal.compress(loaded.model, recipe, calibration, tokenizer=loaded.tokenizer, inplace=True,
+                                 formats=(fmt,))
     result.report.source = str(loaded.source)
     result.report.mixed = mixed
     compress_s = time.perf_counter() - t0
@@ -192,9 +195,9 @@ def cmd_compress(a: argparse.Namespace) -> int:
     return 0
 
 
-def _mixed_recipe(a: argparse.Namespace, recipe, loaded):
-    """Analyse (or reuse the cached analysis), allocate formats per layer within the budget, and return
-    the recipe with per-layer overrides plus the plan's summary for frugal.json."""
+def _mixed_planner(a: argparse.Namespace, recipe, loaded):
+    """Analyse (or reuse the cached analysis) and return (planner, samples): planner(max_kl) gives the
+    recipe with per-layer overrides for --budget (max_kl None) or for a KL target, plus the plan summary."""
     from .analyze import cached_analyze
     from .blocks import quantizable_linears
     from .calibrate import from_text
@@ -208,9 +211,44 @@ def _mixed_recipe(a: argparse.Namespace, recipe, loaded):
     linears = quantizable_linears(loaded.model, recipe.ignore)
     float_bytes = model_bytes(loaded.model) - sum(l.weight.numel() * l.weight.element_size() for l in linears.values())
     cands = a.candidates.split(",") if a.candidates else None
-    p = plan(analysis, a.budget, a.max_kl, cands, float_bytes=float_bytes, ggml=bool(recipe.gguf_type))
-    log.info("mixed precision: %.3f bits/weight, predicted KL %.4g, %s", p.bpw, p.predicted_kl, p.to_dict()["count"])
-    return apply(recipe, p), p.to_dict()
+
+    def planner(max_kl):
+        p = plan(analysis, None if max_kl is not None else a.budget, max_kl, cands, float_bytes=float_bytes,
+                 ggml=bool(recipe.gguf_type))
+        log.info("mixed precision: %.3f bits/weight, predicted KL %.4g, %s", p.bpw, p.predicted_kl,
+                 p.to_dict()["count"])
+        return apply(recipe, p), p.to_dict()
+    return planner, samples
+
+
+MAX_KL_ROUNDS = 3
+
+
+def _compress_within_kl(a: argparse.Namespace, recipe, loaded, calibration, fmt: str):
+    """--max-kl: plan on the predicted KL, compress, measure the KL on the analysis tokens, and tighten the
+    prediction's target until the measured KL is within the limit (at most MAX_KL_ROUNDS compressions)."""
+    import frugal
+
+    from .mixed import measured_kl
+
+    planner, samples = _mixed_planner(a, recipe, loaded)
+    target, kl = a.max_kl, None
+    for rnd in range(1, MAX_KL_ROUNDS + 1):
+        try:
+            r, mixed = planner(target)
+        except FrugalError as e:
+            if kl is None:
+                raise FrugalError(f"--max-kl {a.max_kl}: {e}") from None
+            raise FrugalError(f"--max-kl {a.max_kl}: measured KL {kl:.4g}, and no allocation of the candidates "
+                              "predicts less; raise the limit or add formats with more bits (--candidates)") from None
+        result = frugal.compress(loaded.model, r, calibration, tokenizer=loaded.tokenizer, formats=(fmt,))
+        kl = measured_kl(loaded.model, result.model, samples)
+        log.info("--max-kl round %d: target %.4g, measured KL %.4g", rnd, target, kl)
+        if kl <= a.max_kl:
+            return result, {**mixed, "max_kl": a.max_kl, "measured_kl": kl, "rounds": rnd}
+        target *= a.max_kl / kl
+    raise FrugalError(f"--max-kl {a.max_kl}: measured KL was still {kl:.4g} after {MAX_KL_ROUNDS} rounds; "
+                      "raise the limit or add formats with more bits (--candidates)")
 
 
 def cmd_eval(a: argparse.Namespace) -> int:

@@ -10,6 +10,8 @@ import logging
 from dataclasses import dataclass, replace
 from typing import Any
 
+import torch
+
 from .analyze import Analysis, parse_candidate
 from .config import LayerOverride, Recipe
 from .errors import FrugalError
@@ -71,3 +73,17 @@ def apply(recipe: Recipe, p: Plan) -> Recipe:
 
     overrides = tuple(override(name, c) for name, c in sorted(p.choice.items()))
     return replace(recipe, overrides=overrides)
+
+
+@torch.no_grad()
+def measured_kl(reference, model, samples) -> float:
+    """Mean KL(reference || model) per token on (n, seq) token ids, one sequence at a time."""
+    import torch.nn.functional as F
+
+    total, count = 0.0, 0
+    for ids in samples:
+        ref = F.log_softmax(reference(ids[None], use_cache=False).logits[0].float(), dim=-1)
+        lp = F.log_softmax(model(ids[None], use_cache=False).logits[0].float(), dim=-1)
+        total += float((ref.exp() * (ref - lp)).sum())
+        count += ids.numel()
+    return max(total / count, 0.0)
