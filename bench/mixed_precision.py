@@ -98,8 +98,10 @@ def main() -> None:
     body += llama
     print(body)
     if not a.no_docs:
-        plot(points, ROOT / "docs" / "mixed-precision.svg")
-        write_section(ROOT / "docs" / "benchmarks.md", "mixed-precision", "Mixed precision vs uniform",
+        suffix = "" if a.method == "rtn" else f"-{a.method}"
+        plot(points, ROOT / "docs" / f"mixed-precision{suffix}.svg")
+        write_section(ROOT / "docs" / "benchmarks.md", f"mixed-precision{suffix}",
+                      f"Mixed precision vs uniform ({a.method.upper()})",
                       f".venv/bin/python bench/mixed_precision.py --method {a.method} --eval-tokens {a.eval_tokens}"
                       + (f" --samples {a.samples}" if a.method == "gptq" else ""), body)
 
@@ -137,7 +139,7 @@ def report(rows, analysis, analysis_s, cached, a) -> str:
             f"{secs['cache_and_hessians'] + secs['layers']:.0f} s on this CPU{' (cached)' if cached else ''}), then "
             f"the allocator's least predicted KL within the budget over int2/3/4/8 formats (q/k/v and gate/up "
             f"tied).\n\n```\n{table(['model', 'bits/weight', 'ppl', 'KL', 'top-1', 'compress s'], rows)}\n```\n"
-            f"Plot: docs/mixed-precision.svg.\n")
+            f"Plot: docs/mixed-precision{'' if a.method == 'rtn' else '-' + a.method}.svg.\n")
 
 
 def plot(points, path: Path) -> None:
