@@ -72,6 +72,21 @@ def inverse_hessian(h: torch.Tensor, opts: GPTQOptions, name: str) -> tuple[torc
     raise FrugalError(f"{name}: Hessian is not positive definite even with dampening {damp / 10:.3g}")
 
 
+def _without_dead_inputs(w: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 copies of (out, in) `w` and (in, in) `h`; inputs that were always zero carry no
+    information: their weights become 0 and their Hessian diagonal 1."""
+    w, h = w.float().clone(), h.float().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    return w, h
+
+
+def column_order(h: torch.Tensor, act_order: bool) -> torch.Tensor:
+    """Order of the columns: decreasing diag(H) ("activation order"), or as they are."""
+    return torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(h.shape[0])
+
+
 def gptq_quantize(
     w: torch.Tensor,
     h: torch.Tensor,
@@ -83,20 +98,15 @@ def gptq_quantize(
 ) -> GPTQResult:
     """Quantize an (out, in) weight `w` given its (in, in) Hessian `h`."""
     scale_dtype = scale_dtype or w.dtype
-    w = w.float().clone()
-    h = h.float().clone()
+    w, h = _without_dead_inputs(w, h)
     out_f, in_f = w.shape
     gs = group_size_of(scheme, in_f)
-
-    dead = torch.diag(h) == 0  # inputs that were always zero carry no information
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
 
     static = opts.act_order or gs == in_f
     scale = zero = None
     if static:
         scale, zero = grid_for(w, scheme, scale_dtype, clip)  # (out, n_groups)
-    perm = torch.argsort(torch.diag(h), descending=True) if opts.act_order else torch.arange(in_f)
+    perm = column_order(h, opts.act_order)
     w, h = w[:, perm], h[perm][:, perm]
     group_of = perm // gs  # (in,) group of each permuted column
     hinv, damp = inverse_hessian(h, opts, name)
@@ -151,13 +161,9 @@ def gptq_ggml(w: torch.Tensor, h: torch.Tensor, type_name: str, opts: GPTQOption
     from .ggml import TYPES, GGMLWeight, codes_on, make_grid, values_on
 
     t = TYPES[type_name]
-    w = w.float().clone()
-    h = h.float().clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
+    w, h = _without_dead_inputs(w, h)
     grid = make_grid(w, type_name, importance=torch.diag(h))
-    perm = torch.argsort(torch.diag(h), descending=True) if opts.act_order else torch.arange(w.shape[1])
+    perm = column_order(h, opts.act_order)
     hinv, damp = inverse_hessian(h[perm][:, perm], opts, name)
     sub_of = perm // t.sub
     b = grid.offset
