@@ -154,17 +154,21 @@ class Recipe:
                 raise FrugalError(f"recipe.gguf_type={self.gguf_type!r}: supported llama.cpp file types are "
                                   f"{', '.join(FILE_TYPES)}")
 
+    def override_for(self, layer: str) -> LayerOverride | None:
+        """The first override whose pattern matches the layer name, or None."""
+        import fnmatch
+
+        return next((o for o in self.overrides if fnmatch.fnmatchcase(layer, o.match)), None)
+
     def scheme_for(self, layer: str) -> WeightScheme:
         """The integer grid of one layer: the first matching override's, else `weights`."""
-        import fnmatch
-
-        return next((o.weights for o in self.overrides if fnmatch.fnmatchcase(layer, o.match)), self.weights)
+        o = self.override_for(layer)
+        return self.weights if o is None else o.weights
 
     def ggml_override(self, layer: str) -> str:
-        """The GGML type an override sets for this layer, or ""."""
-        import fnmatch
-
-        return next((o.ggml_type for o in self.overrides if fnmatch.fnmatchcase(layer, o.match)), "")
+        """The GGML type the first matching override sets for this layer, or ""."""
+        o = self.override_for(layer)
+        return "" if o is None else o.ggml_type
 
     # -- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
