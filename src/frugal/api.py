@@ -96,7 +96,6 @@ def _recipe(recipe: Recipe | dict | str | Path | None) -> Recipe:
 def _calibration(calibration, loaded_tok, model, recipe: Recipe) -> tuple[torch.Tensor | None, dict]:
     """Token ids (N, L) for the recipe, and a description for frugal.json."""
     from . import calibrate
-    from .load import shared_dir
 
     n, seq = recipe.calibration.num_samples, recipe.calibration.seq_len
     if recipe.method == "rtn":
@@ -105,7 +104,7 @@ def _calibration(calibration, loaded_tok, model, recipe: Recipe) -> tuple[torch.
         return calibration.long(), {"source": "tensor", "num_samples": calibration.shape[0], "seq_len": calibration.shape[1]}
     if calibration is False or calibration == "data-free":
         return calibrate.data_free(model, n, seq, recipe.seed), {"source": "data-free", "num_samples": n, "seq_len": seq}
-    path = Path(calibration) if calibration is not None else shared_dir() / "data" / "wikitext-2" / "valid.txt"
+    path = Path(calibration) if calibration is not None else calibrate.default_text()
     ids = calibrate.from_text(loaded_tok, path, n, seq, recipe.seed)
     return ids, {"source": path.name, "num_samples": n, "seq_len": seq}
 

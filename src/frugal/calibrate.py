@@ -17,6 +17,13 @@ from .errors import FrugalError
 log = logging.getLogger(__name__)
 
 
+def default_text() -> Path:
+    """The default calibration text: wikitext-2 valid.txt in the shared data folder."""
+    from .load import shared_dir
+
+    return shared_dir() / "data" / "wikitext-2" / "valid.txt"
+
+
 def uses_bos(tokenizer) -> bool:
     """True when the tokenizer puts BOS in front of plain text by default."""
     bos = getattr(tokenizer, "bos_token_id", None)

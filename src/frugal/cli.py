@@ -200,12 +200,11 @@ def _mixed_planner(a: argparse.Namespace, recipe, loaded):
     recipe with per-layer overrides for --budget (max_kl None) or for a KL target, plus the plan summary."""
     from .analyze import cached_analyze
     from .blocks import quantizable_linears
-    from .calibrate import from_text
-    from .load import shared_dir
+    from .calibrate import default_text, from_text
     from .mixed import apply, plan
     from .sizes import model_bytes
 
-    samples = from_text(loaded.tokenizer, shared_dir() / "data" / "wikitext-2" / "valid.txt", 4, 128, recipe.seed)
+    samples = from_text(loaded.tokenizer, default_text(), 4, 128, recipe.seed)
     analysis, _ = cached_analyze(loaded.model, loaded.source, samples, DEFAULT_FORMATS.split(","),
                                  DEFAULT_MEASURE.split(","), recipe.ignore)
     linears = quantizable_linears(loaded.model, recipe.ignore)
@@ -332,8 +331,8 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 def cmd_analyze(a: argparse.Namespace) -> int:
     from .analyze import cached_analyze
-    from .calibrate import from_text
-    from .load import load_model, shared_dir
+    from .calibrate import default_text, from_text
+    from .load import load_model
     from .report import table
     from .sensitivity_report import format_table, top_layers, write
 
@@ -343,8 +342,7 @@ def cmd_analyze(a: argparse.Namespace) -> int:
 
         check_output_dir(out, a.overwrite)
     loaded = load_model(a.model)
-    samples = from_text(loaded.tokenizer, shared_dir() / "data" / "wikitext-2" / "valid.txt", a.samples,
-                        a.calib_len, a.seed)
+    samples = from_text(loaded.tokenizer, default_text(), a.samples, a.calib_len, a.seed)
     analysis, cached = cached_analyze(loaded.model, loaded.source, samples, a.formats.split(","), a.measure.split(","))
     print(table(*format_table(analysis)))
     print()
