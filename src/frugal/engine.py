@@ -208,22 +208,38 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
+def quantize_block(block: nn.Module, prefix: str, recipe: Recipe, hidden: list[torch.Tensor] | None, args: tuple,
+                   kw: dict, ggml_types: dict[str, str]) -> tuple[dict, dict, list[torch.Tensor] | None]:
+    """Quantize one decoder block in place: (quantized weights, layer reports, the block's outputs on
+    `hidden` with its quantized weights). `hidden` is None for methods that need no calibration data."""
+    layers = block_linears(block, prefix, recipe.ignore)
+    quantized: dict[str, QuantizedWeight] = {}
+    reports: dict[str, LayerReport] = {}
+    hessians: dict[str, torch.Tensor] = {}
+    if hidden is not None and recipe.method == "gptq":
+        with HessianHooks(layers) as hooks:
+            for x in hidden:
+                run_block(block, x, args, kw)
+                hooks.end_sample()
+        hessians = {name: hooks.hessians[name].matrix() for name in layers}
+        del hooks
+    for name, lin in layers.items():
+        quantized[name], reports[name] = quantize_layer(name, lin, recipe, hessians.get(name), ggml_types.get(name))
+    if hidden is None:
+        return quantized, reports, None
+    out = [run_block(block, x, args, kw) for x in hidden]
+    _check_finite(out, prefix)
+    return quantized, reports, out
+
+
+@torch.no_grad()
 def _gptq_blocks(model, blocks_name, blocks, recipe, samples, quantized, reports, ggml_types) -> None:
     inputs = capture_block_inputs(model, blocks, samples)
-    bar = tqdm(blocks, desc="gptq", unit="block")
-    for i, block in enumerate(bar):
-        layers = block_linears(block, f"{blocks_name}.{i}", recipe.ignore)
-        kw = inputs.kwargs_per_block[i]
-        with HessianHooks(layers) as hooks:
-            for x in inputs.hidden:
-                run_block(block, x, inputs.args, kw)
-                hooks.end_sample()
-        for name, lin in layers.items():
-            h = hooks.hessians[name].matrix()
-            quantized[name], reports[name] = quantize_layer(name, lin, recipe, h, ggml_types.get(name))
-        del hooks
-        inputs.hidden = [run_block(block, x, inputs.args, kw) for x in inputs.hidden]
-        _check_finite(inputs.hidden, f"{blocks_name}.{i}")
+    for i, block in enumerate(tqdm(blocks, desc=recipe.method, unit="block")):
+        q, r, inputs.hidden = quantize_block(block, f"{blocks_name}.{i}", recipe, inputs.hidden, inputs.args,
+                                             inputs.kwargs_per_block[i], ggml_types)
+        quantized.update(q)
+        reports.update(r)
 
 
 def _check_finite(hidden: list[torch.Tensor], where: str) -> None:
@@ -273,8 +289,9 @@ def compress_model(
         _gptq_blocks(model, blocks_name, blocks, recipe, samples, quantized, reports, ggml_types)
     else:
         for i, block in enumerate(tqdm(blocks, desc="rtn", unit="block")):
-            for name, lin in block_linears(block, f"{blocks_name}.{i}", recipe.ignore).items():
-                quantized[name], reports[name] = quantize_layer(name, lin, recipe, None, ggml_types.get(name))
+            q, r, _ = quantize_block(block, f"{blocks_name}.{i}", recipe, None, (), {}, ggml_types)
+            quantized.update(q)
+            reports.update(r)
     outside = outside_linears(model, blocks_name, recipe.ignore)
     if outside:
         _outside(model, outside, recipe, samples, quantized, reports, ggml_types)
