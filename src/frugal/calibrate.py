@@ -61,6 +61,9 @@ def from_text(tokenizer, path: str | Path, num_samples: int, seq_len: int, seed:
     span = seq_len - 1 if bos else seq_len
     if ids.numel() < span + 1:
         raise FrugalError(f"{path}: {ids.numel()} tokens, fewer than one calibration sample of {span}")
+    if ids.numel() < num_samples * span:
+        log.warning("%s: %d tokens for %d calibration samples of %d: the samples overlap", path, ids.numel(),
+                    num_samples, span)
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - span, (num_samples,), generator=gen)
     rows = [ids[s : s + span] for s in starts.tolist()]

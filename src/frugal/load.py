@@ -78,8 +78,12 @@ def _sha256(path: Path) -> str:
 
 
 def _check_gguf(path: Path) -> None:
+    """Our strict header checks first, then gguf-py's reader (its errors wrapped too)."""
     from gguf import GGUFReader
 
+    from .validate import check_gguf
+
+    check_gguf(path)
     try:
         GGUFReader(path)
     except Exception as e:  # the reader raises many types on malformed input
@@ -128,7 +132,11 @@ def _check_weights(directory: Path, allow_pickle: bool) -> None:
         return
     from safetensors import safe_open
 
+    from .validate import check_safetensors, check_safetensors_index
+
+    check_safetensors_index(directory)
     for f in tensors:
+        check_safetensors(f)  # our header checks before the library parses anything
         try:
             with safe_open(str(f), framework="pt") as st:
                 for key in st.keys():
@@ -137,12 +145,83 @@ def _check_weights(directory: Path, allow_pickle: bool) -> None:
             raise FrugalError(f"{f}: not a readable safetensors file ({str(e).splitlines()[0][:160]})") from None
 
 
-def _quant_method(directory: Path) -> str | None:
+MAX_CONFIG_BYTES = 10_000_000
+
+
+def _read_config(directory: Path) -> dict:
+    """config.json as a dict, naming an architecture transformers can load as a causal LM."""
+    path = directory / "config.json"
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise FrugalError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes; not a model configuration")
     try:
-        cfg = json.loads((directory / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise FrugalError(f"{directory / 'config.json'}: unreadable ({e})") from None
-    return (cfg.get("quantization_config") or {}).get("quant_method")
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        raise FrugalError(f"{path}: unreadable ({str(e).splitlines()[0][:120]})") from None
+    if not isinstance(cfg, dict):
+        raise FrugalError(f"{path}: not a JSON object")
+    if not isinstance(cfg.get("quantization_config") or {}, dict):
+        raise FrugalError(f"{path}: quantization_config is not a JSON object")
+    _check_architecture(path, cfg.get("model_type"))
+    return cfg
+
+
+def _check_architecture(path: Path, model_type) -> None:
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if not isinstance(model_type, str) or not model_type:
+        raise FrugalError(f"{path}: no model_type, so the architecture is unknown")
+    if model_type not in CONFIG_MAPPING:
+        raise FrugalError(f"{path}: unknown architecture model_type={model_type[:60]!r} "
+                          f"(transformers {transformers.__version__} does not know it)")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise FrugalError(f"{path}: model_type={model_type!r} is not a causal language model architecture")
+
+
+def _check_finite(model, directory: Path) -> None:
+    """Stop on a NaN or Inf in any weight, naming the tensor. A sum is the fast screen (NaN and Inf
+    propagate through it); only a non-finite sum, which finite weights can also overflow to, is
+    looked at element by element."""
+    import torch
+
+    for name, p in model.named_parameters():
+        if not p.is_floating_point():
+            continue
+        total = torch.sum(p.detach(), dtype=torch.float64 if p.dtype == torch.float64 else torch.float32)
+        if not torch.isfinite(total):
+            bad = int((~torch.isfinite(p.detach())).sum())
+            if bad:
+                raise FrugalError(f"{directory}: weight {name} has {bad} NaN/Inf values")
+
+
+def _from_pretrained(directory: Path, cfg: dict, dtype: Any, allow_pickle: bool) -> Any:
+    """transformers' loader, refusing a checkpoint that lacks weights the architecture needs (transformers
+    would initialise them at random and only log it) or holds them in another shape."""
+    import transformers
+
+    kwargs = {}
+    if (cfg.get("quantization_config") or {}).get("quant_method") == "compressed-tensors":
+        kwargs["quantization_config"] = transformers.CompressedTensorsConfig(dequantize=True)  # float weights now
+    try:
+        with warnings.catch_warnings():  # "loading attributes will be overwritten": that is the intent
+            warnings.filterwarnings("ignore", message="You passed `quantization_config`")
+            model, info = transformers.AutoModelForCausalLM.from_pretrained(
+                directory, dtype=dtype, use_safetensors=not allow_pickle or None, output_loading_info=True, **kwargs
+            )
+    except Exception as e:
+        raise FrugalError(f"{directory}: transformers cannot load this model ({str(e).splitlines()[0][:200]})") from None
+    missing, mismatched = sorted(info.get("missing_keys") or ()), sorted(info.get("mismatched_keys") or ())
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise FrugalError(f"{directory}: the checkpoint lacks {missing[0]}{more}, which the architecture needs")
+    if mismatched:
+        first = mismatched[0][0] if isinstance(mismatched[0], tuple) else mismatched[0]
+        raise FrugalError(f"{directory}: weight {first} does not have the shape the architecture needs")
+    if info.get("unexpected_keys"):
+        log.warning("%s: %d tensors the architecture does not use (e.g. %s)", directory,
+                    len(info["unexpected_keys"]), sorted(info["unexpected_keys"])[0])
+    return model
 
 
 def load_model(spec: str | os.PathLike | None = None, *, dtype: Any = None, allow_pickle: bool = False,
@@ -161,18 +240,9 @@ def load_model(spec: str | os.PathLike | None = None, *, dtype: Any = None, allo
     else:
         directory = source
     _check_weights(directory, allow_pickle)
-    kwargs = {}
-    if _quant_method(directory) == "compressed-tensors":  # float weights now, not at the first forward
-        kwargs["quantization_config"] = transformers.CompressedTensorsConfig(dequantize=True)
-    try:
-        with warnings.catch_warnings():  # "loading attributes will be overwritten": that is the intent
-            warnings.filterwarnings("ignore", message="You passed `quantization_config`")
-            model = transformers.AutoModelForCausalLM.from_pretrained(
-                directory, dtype=dtype or torch.float32, use_safetensors=not allow_pickle or None, **kwargs
-            )
-    except Exception as e:
-        raise FrugalError(f"{directory}: transformers cannot load this model ({str(e).splitlines()[0][:200]})") from None
+    model = _from_pretrained(directory, _read_config(directory), dtype or torch.float32, allow_pickle)
     model.to(device).eval()
+    _check_finite(model, directory)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
     except Exception as e:
