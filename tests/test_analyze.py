@@ -179,3 +179,38 @@ def test_max_kl_below_what_the_candidates_reach_is_one_line(qwen3, tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.startswith("frugal: error: --max-kl 1e-09:") and "\n" not in err
     assert not (tmp_path / "x").exists()
+
+
+def test_gptq_aware_analysis_measures_what_gptq_does(tiny_model_dir):
+    """method="gptq": each candidate is rounded by GPTQ with the layer's Hessian (here from separate
+    calibration ids), so its proxy (the output error GPTQ minimises) is below round-to-nearest's on every
+    layer, and the measured KL equals a full forward with that layer GPTQ-quantized."""
+    from frugal.analyze import model_hessians
+    from frugal.blocks import quantizable_linears
+    from frugal.config import GPTQOptions
+    from frugal.quant.gptq import gptq_quantize
+
+    model = load_model(tiny_model_dir("llama", initializer_range=0.2)).model
+    hess_ids = torch.randint(3, 512, (4, 32), generator=torch.Generator().manual_seed(1))
+    rtn = analyze(model, samples(), ["int2g32", "int4g32"], ["int2g32"])
+    gptq = analyze(model, samples(), ["int2g32", "int4g32"], ["int2g32"], method="gptq", hessian_samples=hess_ids)
+    assert gptq.calibration["method"] == "gptq" and gptq.calibration["hessian_samples"] == [4, 32]
+    hs = model_hessians(model, hess_ids, quantizable_linears(model, ("lm_head",)))
+    for r, g in zip(rtn.layers, gptq.layers):
+        h = hs[g.name]
+        w = dict(model.named_modules())[g.name].weight.data
+        dw = parse_candidate("int2g32").fake_quantize(w) - w
+        rtn_on_h = float(torch.einsum("oi,ij,oj->", dw, h, dw))
+        assert g.proxy["int2g32"] < 0.9 * rtn_on_h
+    layer = gptq.layers[1]
+    mod = dict(model.named_modules())[layer.name]
+    ids = samples()
+    with torch.no_grad():
+        ref = F.log_softmax(model(ids).logits.float(), -1)
+        w = mod.weight.data.clone()
+        mod.weight.data = gptq_quantize(w, hs[layer.name], parse_candidate("int2g32").scheme, GPTQOptions(),
+                                        None, torch.float16).weight.dequantize()
+        lp = F.log_softmax(model(ids).logits.float(), -1)
+        mod.weight.data = w
+    kl = float((ref.exp() * (ref - lp)).sum(-1).mean())
+    assert layer.kl["int2g32"] == pytest.approx(kl, rel=1e-3)

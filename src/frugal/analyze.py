@@ -11,6 +11,11 @@ Each layer's downstream amplification c_L = KL(L, F0) / P(L, F0) is fitted on th
 format F0 and predicts KL(L, F) = c_L * P(L, F) for the others; the rank correlation (Spearman) of
 that prediction against the measurement on the other measured formats says whether the proxy can be
 trusted. Allocation (frugal.allocate) uses measured KL where there is one, the prediction elsewhere.
+
+`method="gptq"` measures what the compression will do: integer and GGML candidates are rounded by
+GPTQ with the layer's Hessian (from `hessian_samples`, the compression's own calibration, when given,
+so that GPTQ is not fitted to the tokens the KL is measured on), not to nearest. GPTQ repairs low-bit
+grids more than high-bit ones, so RTN damage misallocates bits for a GPTQ compression.
 """
 
 from __future__ import annotations
@@ -42,6 +47,17 @@ class Candidate:
     scheme: WeightScheme | None = None  # integer grids
     float_fmt: str = ""  # frugal.quant.floats formats
     ggml: str = ""  # GGML block types (GGUF targets)
+
+    def quantize(self, w: torch.Tensor, h: torch.Tensor | None = None, gptq: Any = None) -> torch.Tensor:
+        """The dequantized weight: by GPTQ with Hessian `h` and options `gptq` when both are given (integer
+        and GGML candidates), else rounded to nearest."""
+        if gptq is not None and h is not None and (self.scheme is not None or self.ggml):
+            from .quant.gptq import gptq_ggml, gptq_quantize
+
+            if self.ggml:
+                return gptq_ggml(w, h, self.ggml, gptq).weight.dequantize(w.dtype)
+            return gptq_quantize(w, h, self.scheme, gptq, None, torch.float16).weight.dequantize(w.dtype)
+        return self.fake_quantize(w)
 
     def fake_quantize(self, w: torch.Tensor) -> torch.Tensor:
         if self.scheme is not None:
@@ -145,6 +161,7 @@ class TailRunner:
                     hooks.end_sample()
                 self.inputs.append(outs)
         self.hessians = {n: hooks.hessians[n].matrix() for n in layers}
+        del hooks
         self.head = _head(model)
         self.ref = [F.log_softmax(self.head(x)[0].float(), dim=-1) for x in self.inputs[-1]]  # (L, V) each
         full = F.log_softmax(model(samples[:1], use_cache=False).logits[0].float(), dim=-1)
@@ -229,9 +246,12 @@ def _agreement(layers: list[LayerSensitivity], measured: list[str]) -> dict[str,
 
 @torch.no_grad()
 def analyze(model: nn.Module, samples: torch.Tensor, candidates: list[str], measure: list[str],
-            ignore: tuple[str, ...] = ("lm_head",), check_every: int = 4) -> Analysis:
+            ignore: tuple[str, ...] = ("lm_head",), check_every: int = 4, method: str = "rtn",
+            hessian_samples: torch.Tensor | None = None, gptq: Any = None) -> Analysis:
     """Proxy for every (layer, candidate); measured KL for measure[0] on every layer (it fits c_L) and
-    for the other `measure` candidates on every `check_every`-th layer (they check the prediction)."""
+    for the other `measure` candidates on every `check_every`-th layer (they check the prediction).
+    `method` "gptq" quantizes the candidates with GPTQ (options `gptq`, Hessians from `hessian_samples`
+    when given, else from `samples`)."""
     from .blocks import block_linears, find_blocks
 
     cands = {c: parse_candidate(c) for c in candidates}
@@ -241,30 +261,56 @@ def analyze(model: nn.Module, samples: torch.Tensor, candidates: list[str], meas
     blocks_name, blocks = find_blocks(model)
     per_block = [block_linears(b, f"{blocks_name}.{i}", ignore) for i, b in enumerate(blocks)]
     t0 = time.perf_counter()
-    runner = TailRunner(model, samples, {n: l for d in per_block for n, l in d.items()})
+    all_layers = {n: l for d in per_block for n, l in d.items()}
+    runner = TailRunner(model, samples, all_layers)
+    if method == "gptq":
+        from .config import GPTQOptions
+
+        gptq = gptq or GPTQOptions()
+        if hessian_samples is not None:
+            runner.hessians = model_hessians(model, hessian_samples, all_layers)
+    elif method != "rtn":
+        raise FrugalError(f"analyze: method {method!r} (known: rtn, gptq)")
     t1 = time.perf_counter()
     layers: list[LayerSensitivity] = []
     bar = tqdm(total=sum(len(d) for d in per_block), desc="analyze: layers", unit="layer")
     for b, d in enumerate(per_block):
         for name, lin in d.items():
             check = len(layers) % check_every == 0
-            layers.append(_one_layer(name, lin, cands, measure if check else measure[:1], runner, b))
+            layers.append(_one_layer(name, lin, cands, measure if check else measure[:1], runner, b,
+                                     gptq if method == "gptq" else None))
             bar.update()
     bar.close()
     _amplify(layers, measure[0])
     seconds = {"cache_and_hessians": t1 - t0, "layers": time.perf_counter() - t1}
+    calib = {"num_samples": samples.shape[0], "seq_len": samples.shape[1], "check_every": check_every,
+             "method": method}
+    if hessian_samples is not None and method == "gptq":
+        calib["hessian_samples"] = list(hessian_samples.shape)
     return Analysis(ANALYSIS_VERSION, list(cands), list(measure), layers, _agreement(layers, measure), seconds,
-                    {"num_samples": samples.shape[0], "seq_len": samples.shape[1], "check_every": check_every})
+                    calib)
 
 
-def _one_layer(name, lin, cands, measure, runner: TailRunner, b: int) -> LayerSensitivity:
+@torch.no_grad()
+def model_hessians(model: nn.Module, samples: torch.Tensor, layers: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
+    """H = 2/n X^T X of every layer's inputs in the original model over (n, seq) token ids."""
+    from .engine import HessianHooks
+
+    with HessianHooks(layers) as hooks:
+        for i in tqdm(range(samples.shape[0]), desc="analyze: hessians", unit="sample"):
+            model(samples[i : i + 1], use_cache=False)
+            hooks.end_sample()
+    return {n: hooks.hessians[n].matrix() for n in layers}
+
+
+def _one_layer(name, lin, cands, measure, runner: TailRunner, b: int, gptq=None) -> LayerSensitivity:
     w = lin.weight.data.clone()
     h = runner.hessians[name]
     ls = LayerSensitivity(name, tuple(w.shape))
     for cname, c in cands.items():
         if not _fits(c, w.shape[1]):
             continue
-        wq = c.fake_quantize(w)
+        wq = c.quantize(w, h, gptq)
         dw = (wq - w).float()
         ls.proxy[cname] = float(torch.einsum("oi,ij,oj->", dw, h, dw))
         ls.bytes[cname] = c.nbytes(*w.shape)
@@ -287,21 +333,29 @@ def source_identity(path) -> str:
 
 
 def cached_analyze(model: nn.Module, source, samples: torch.Tensor, candidates: list[str], measure: list[str],
-                   ignore: tuple[str, ...] = ("lm_head",)) -> tuple[Analysis, bool]:
-    """`analyze`, reusing a previous result for the same model, samples and formats (FRUGAL_CACHE/analysis)."""
+                   ignore: tuple[str, ...] = ("lm_head",), method: str = "rtn",
+                   hessian_samples: torch.Tensor | None = None, gptq: Any = None) -> tuple[Analysis, bool]:
+    """`analyze`, reusing a previous result for the same model, samples, formats and method
+    (FRUGAL_CACHE/analysis)."""
+    import dataclasses
     import hashlib
     import json
 
     from .load import cache_dir
 
-    h = hashlib.sha256(json.dumps([ANALYSIS_VERSION, source_identity(source), candidates, measure,
-                                   list(ignore)]).encode())
+    key = [ANALYSIS_VERSION, source_identity(source), candidates, measure, list(ignore)]
+    if method != "rtn":  # RTN keys stay as they were, so earlier caches remain valid
+        key += [method, dataclasses.asdict(gptq) if gptq is not None else None]
+    h = hashlib.sha256(json.dumps(key).encode())
     h.update(samples.numpy().tobytes())
+    if method != "rtn" and hessian_samples is not None:
+        h.update(hessian_samples.numpy().tobytes())
     path = cache_dir() / "analysis" / f"{h.hexdigest()[:24]}.json"
     if path.is_file():
         log.info("reusing the analysis cached in %s", path)
         return Analysis.from_dict(json.loads(path.read_text())), True
-    a = analyze(model, samples, candidates, measure, ignore)
+    a = analyze(model, samples, candidates, measure, ignore, method=method, hessian_samples=hessian_samples,
+                gptq=gptq)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(a.to_dict()))
