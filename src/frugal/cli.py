@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -86,7 +87,16 @@ def _parser() -> argparse.ArgumentParser:
                          "(default %(default)s)")
     an.add_argument("--samples", type=int, default=4, help="calibration sequences (default %(default)s)")
     an.add_argument("--calib-len", type=int, default=128, help="tokens per sequence (default %(default)s)")
+    an.add_argument("--method", choices=["rtn", "gptq"], default="rtn",
+                    help="how candidates are rounded: to nearest, or by GPTQ as the compression will (default %(default)s)")
+    an.add_argument("--hessian-samples", type=int, default=0,
+                    help="with --method gptq: Hessians from N x 512 calibration tokens (default: the analysis tokens)")
     an.add_argument("--seed", type=int, default=0)
+    an.add_argument("--ops", action="store_true", help="instead of per-layer weight formats: round each operator "
+                    "class (scores, softmax, norms, residual adds, ...) to low-precision floats and report the damage")
+    an.add_argument("--ops-formats", help="float formats for --ops (default bfloat16,float16,fp8_e4m3,fp8_e5m2)")
+    an.add_argument("--ops-classes", help="operator classes for --ops (default: all)")
+    an.add_argument("--ops-per-block", action="store_true", help="with --ops: also per block, for the coarsest format")
     an.add_argument("-o", "--output", help="directory for analysis.json and heatmap.svg")
     an.add_argument("--overwrite", action="store_true")
 
@@ -104,6 +114,19 @@ FORMAT_CHOICES = ["compressed-tensors", "gptq", "gguf", "onnx"]
 DEFAULT_FORMATS = ("int2g32,int3g32,int3g64,int4g32,int4g64,int8g64,bf16,fp8_e4m3,fp8_e5m2,mxfp4,nvfp4,"
                    "Q4_0,Q4_1,Q5_0,Q5_1,Q8_0,Q4_K,Q5_K,Q6_K")
 DEFAULT_MEASURE = "int3g64,int4g64"
+
+
+def analysis_formats(recipe) -> list[str]:
+    """Candidates analysed for --budget/--max-kl: all default formats for RTN (one cached analysis serves
+    every target); with GPTQ, which costs a GPTQ run per layer and format, only the formats the plan
+    can pick (integer grids, or GGML types for a GGUF target) plus the measured ones."""
+    from .analyze import parse_candidate
+
+    names = DEFAULT_FORMATS.split(",")
+    if recipe.method != "gptq":
+        return names
+    keep = (lambda c: bool(c.ggml)) if recipe.gguf_type else (lambda c: c.scheme is not None)
+    return [n for n in names if keep(parse_candidate(n)) or n in DEFAULT_MEASURE.split(",")]
 
 
 def _output_format(a: argparse.Namespace, recipe) -> str:
@@ -205,8 +228,13 @@ def _mixed_planner(a: argparse.Namespace, recipe, loaded):
     from .sizes import model_bytes
 
     samples = from_text(loaded.tokenizer, default_text(), 4, 128, recipe.seed)
-    analysis, _ = cached_analyze(loaded.model, loaded.source, samples, DEFAULT_FORMATS.split(","),
-                                 DEFAULT_MEASURE.split(","), recipe.ignore)
+    hessian_samples = None
+    if recipe.method == "gptq" and not a.data_free:  # GPTQ-aware damage, Hessians from the compression's calibration
+        c = recipe.calibration
+        hessian_samples = from_text(loaded.tokenizer, a.calib or default_text(), c.num_samples, c.seq_len, recipe.seed)
+    analysis, _ = cached_analyze(loaded.model, loaded.source, samples, analysis_formats(recipe),
+                                 DEFAULT_MEASURE.split(","), recipe.ignore, method=recipe.method,
+                                 hessian_samples=hessian_samples, gptq=recipe.gptq)
     linears = quantizable_linears(loaded.model, recipe.ignore)
     float_bytes = model_bytes(loaded.model) - sum(l.weight.numel() * l.weight.element_size() for l in linears.values())
     cands = a.candidates.split(",") if a.candidates else None
@@ -270,7 +298,9 @@ def cmd_eval(a: argparse.Namespace) -> int:
     print(eval_table(results))
     payload = json.dumps(results, indent=2) + "\n"
     if a.json_out:
-        Path(a.json_out).write_text(payload)
+        from .atomic import write_text_atomic
+
+        write_text_atomic(a.json_out, payload)
     if a.output:
         from .html_report import render_html
 
@@ -343,7 +373,13 @@ def cmd_analyze(a: argparse.Namespace) -> int:
         check_output_dir(out, a.overwrite)
     loaded = load_model(a.model)
     samples = from_text(loaded.tokenizer, default_text(), a.samples, a.calib_len, a.seed)
-    analysis, cached = cached_analyze(loaded.model, loaded.source, samples, a.formats.split(","), a.measure.split(","))
+    if a.ops:
+        return _analyze_ops(a, loaded, samples, out)
+    hessian_samples = None
+    if a.method == "gptq" and a.hessian_samples:
+        hessian_samples = from_text(loaded.tokenizer, default_text(), a.hessian_samples, 512, a.seed)
+    analysis, cached = cached_analyze(loaded.model, loaded.source, samples, a.formats.split(","), a.measure.split(","),
+                                      method=a.method, hessian_samples=hessian_samples)
     print(table(*format_table(analysis)))
     print()
     print(table(*top_layers(analysis, analysis.measured[0])))
@@ -357,6 +393,28 @@ def cmd_analyze(a: argparse.Namespace) -> int:
         with atomic_dir(out, a.overwrite) as tmp:
             write(analysis, tmp)
         print(f"wrote {out}/analysis.json and {out}/heatmap.svg")
+    return 0
+
+
+def _analyze_ops(a: argparse.Namespace, loaded, samples, out: Path | None) -> int:
+    """`frugal analyze --ops`: which operator classes amplify low-precision floating-point error."""
+    from .op_sensitivity import DEFAULT_FORMATS as OP_FORMATS, op_sensitivity
+
+    formats = a.ops_formats.split(",") if a.ops_formats else OP_FORMATS
+    classes = a.ops_classes.split(",") if a.ops_classes else None
+    res = op_sensitivity(loaded.model, samples, formats, classes, per_block=a.ops_per_block)
+    print(res.table())
+    if a.ops_per_block:
+        print()
+        print(res.per_block_table())
+    if out:
+        from .atomic import atomic_dir
+
+        with atomic_dir(out, a.overwrite) as tmp:
+            (tmp / "op_sensitivity.json").write_text(json.dumps(res.to_dict(), indent=1, sort_keys=True) + "\n")
+            (tmp / "op_sensitivity.md").write_text(res.table() + "\n" + (
+                "\n" + res.per_block_table() + "\n" if a.ops_per_block else ""))
+        print(f"wrote {out}/op_sensitivity.json and {out}/op_sensitivity.md")
     return 0
 
 
@@ -411,6 +469,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("frugal: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a write that failed outside atomic_dir (cache, checkpoint): one line, not a traceback
+        from .atomic import os_error_code
+
+        code = os_error_code(e)
+        if code is None:
+            raise
+        print(f"frugal: error: {getattr(e, 'filename', None) or 'write'}: {os.strerror(code)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
