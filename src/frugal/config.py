@@ -82,6 +82,29 @@ class GPTQOptions:
 
 
 @dataclass(frozen=True)
+class AWQOptions:
+    """AWQ (Lin et al., 2023): per-input-channel scales s = mean|x|^alpha, alpha searched on `grid` points
+    in [0, 1), folded into the preceding op; then (with `clip`) a per-group range search over `grid`
+    factors in [max_shrink, 1] minimising the output error. Statistics use at most `max_samples`
+    calibration samples and `max_tokens` tokens (spread evenly over them)."""
+
+    enabled: bool = False
+    grid: int = 20
+    clip: bool = True
+    max_shrink: float = 0.5
+    max_samples: int = 128
+    max_tokens: int = 8192
+
+    def validate(self, where: str) -> None:
+        if self.grid < 1:
+            raise FrugalError(f"{where}.grid={self.grid}: must be >= 1")
+        if not 0.0 < self.max_shrink <= 1.0:
+            raise FrugalError(f"{where}.max_shrink={self.max_shrink}: must be in (0, 1]")
+        if self.max_samples < 1 or self.max_tokens < 1:
+            raise FrugalError(f"{where}: max_samples and max_tokens must be >= 1")
+
+
+@dataclass(frozen=True)
 class CalibrationOptions:
     """How many calibration sequences of how many tokens; which ones is decided by the recipe seed."""
 
@@ -123,6 +146,7 @@ class Recipe:
     weights: WeightScheme = field(default_factory=WeightScheme)
     clip: ClipSearch = field(default_factory=ClipSearch)
     gptq: GPTQOptions = field(default_factory=GPTQOptions)
+    awq: AWQOptions = field(default_factory=AWQOptions)  # activation-aware scaling before RTN or GPTQ
     calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
     ignore: tuple[str, ...] = ("lm_head",)  # fnmatch patterns of linear layers kept in float
     seed: int = 0
@@ -142,6 +166,9 @@ class Recipe:
         self.weights.validate("recipe.weights")
         self.clip.validate("recipe.clip")
         self.gptq.validate("recipe.gptq")
+        self.awq.validate("recipe.awq")
+        if self.awq.enabled and self.gguf_type:
+            raise FrugalError("recipe.awq.enabled with recipe.gguf_type: AWQ searches integer grids only")
         self.calibration.validate("recipe.calibration")
         for i, o in enumerate(self.overrides):
             o.validate(f"recipe.overrides[{i}]")

@@ -211,7 +211,14 @@ def _device_of(model: nn.Module) -> torch.device:
 def quantize_block(block: nn.Module, prefix: str, recipe: Recipe, hidden: list[torch.Tensor] | None, args: tuple,
                    kw: dict, ggml_types: dict[str, str]) -> tuple[dict, dict, list[torch.Tensor] | None]:
     """Quantize one decoder block in place: (quantized weights, layer reports, the block's outputs on
-    `hidden` with its quantized weights). `hidden` is None for methods that need no calibration data."""
+    `hidden` with its quantized weights). `hidden` is None for methods that need no calibration data.
+    With `recipe.awq.enabled`, AWQ scales (and clips) the block's weights first, on `hidden`."""
+    if recipe.awq.enabled:
+        from .awq import apply_awq
+
+        if hidden is None:
+            raise FrugalError(f"{prefix}: recipe.awq needs calibration inputs, but none were given")
+        apply_awq(block, prefix, recipe, hidden, args, kw)
     layers = block_linears(block, prefix, recipe.ignore)
     quantized: dict[str, QuantizedWeight] = {}
     reports: dict[str, LayerReport] = {}
@@ -284,7 +291,13 @@ def compress_model(
     quantized: dict[str, QuantizedWeight] = {}
     reports: dict[str, LayerReport] = {}
     ggml_types = gguf_layer_types(model, recipe) if recipe.gguf_type else {}
-    if recipe.method == "gptq":
+    if recipe.awq.enabled:
+        from .awq import check as awq_check
+
+        awq_check(model)
+        if samples is None:
+            raise FrugalError("recipe.awq needs calibration samples, but none were given")
+    if recipe.method == "gptq" or recipe.awq.enabled:  # both need each block's calibration inputs
         samples = samples.to(_device_of(model))
         _gptq_blocks(model, blocks_name, blocks, recipe, samples, quantized, reports, ggml_types)
     else:
