@@ -33,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("model", nargs="?", default=None, help="model directory or .gguf file (default: SmolLM2-135M-Instruct)")
     c.add_argument("-o", "--output", help="output directory (default: out/<model>-<method>-w<bits>g<group>)")
     c.add_argument("--recipe", help="recipe file (.yaml/.json); the options below override it")
-    c.add_argument("--method", choices=["gptq", "rtn"])
+    c.add_argument("--method", choices=["gptq", "rtn", "hqq"], help="gptq (default), rtn, or hqq (calibration-free)")
     c.add_argument("--bits", type=int)
     c.add_argument("--group-size", type=int, help="32, 64, 128, or -1 for one scale per output channel")
     c.add_argument("--asym", action="store_true", default=None, help="asymmetric grid (with zero points)")

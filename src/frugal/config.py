@@ -105,6 +105,30 @@ class AWQOptions:
 
 
 @dataclass(frozen=True)
+class HQQOptions:
+    """HQQ (Badri & Shaji, 2023): half-quadratic l_p solver settings (the paper's defaults) and the number
+    of least-squares scale refits after the zero point is made an integer."""
+
+    iters: int = 20
+    lp_norm: float = 0.7
+    beta: float = 10.0
+    kappa: float = 1.01
+    refits: int = 2
+
+    def validate(self, where: str) -> None:
+        if self.iters < 1:
+            raise FrugalError(f"{where}.iters={self.iters}: must be >= 1")
+        if not 0.0 < self.lp_norm <= 1.0:
+            raise FrugalError(f"{where}.lp_norm={self.lp_norm}: must be in (0, 1]")
+        if not self.beta > 0.0:
+            raise FrugalError(f"{where}.beta={self.beta}: must be > 0")
+        if not self.kappa >= 1.0:
+            raise FrugalError(f"{where}.kappa={self.kappa}: must be >= 1")
+        if self.refits < 0:
+            raise FrugalError(f"{where}.refits={self.refits}: must be >= 0")
+
+
+@dataclass(frozen=True)
 class CalibrationOptions:
     """How many calibration sequences of how many tokens; which ones is decided by the recipe seed."""
 
@@ -134,7 +158,7 @@ class LayerOverride:
                 raise FrugalError(f"{where}.ggml_type={self.ggml_type!r}: GGML types are {', '.join(TYPES)}")
 
 
-METHODS = ("rtn", "gptq")
+METHODS = ("rtn", "gptq", "hqq")  # hqq: calibration-free, like rtn
 
 
 @dataclass(frozen=True)
@@ -146,6 +170,7 @@ class Recipe:
     weights: WeightScheme = field(default_factory=WeightScheme)
     clip: ClipSearch = field(default_factory=ClipSearch)
     gptq: GPTQOptions = field(default_factory=GPTQOptions)
+    hqq: HQQOptions = field(default_factory=HQQOptions)
     awq: AWQOptions = field(default_factory=AWQOptions)  # activation-aware scaling before RTN or GPTQ
     calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
     ignore: tuple[str, ...] = ("lm_head",)  # fnmatch patterns of linear layers kept in float
@@ -166,6 +191,10 @@ class Recipe:
         self.weights.validate("recipe.weights")
         self.clip.validate("recipe.clip")
         self.gptq.validate("recipe.gptq")
+        self.hqq.validate("recipe.hqq")
+        if self.method == "hqq" and (self.clip.enabled or self.gguf_type):
+            raise FrugalError("recipe.method=hqq: its solver chooses the range itself (no recipe.clip) and "
+                              "rounds integer grids only (no recipe.gguf_type)")
         self.awq.validate("recipe.awq")
         if self.awq.enabled and self.gguf_type:
             raise FrugalError("recipe.awq.enabled with recipe.gguf_type: AWQ searches integer grids only")

@@ -10,6 +10,7 @@ Only one block's inputs and outputs are held beyond the model itself.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -176,6 +177,10 @@ def _quantize_weight(name: str, w: torch.Tensor, recipe: Recipe, h: torch.Tensor
     if recipe.method == "gptq":
         res = gptq_quantize(w, h, scheme, recipe.gptq, recipe.clip, sdt, name=name)
         return res.weight, res.loss, res.damp
+    if recipe.method == "hqq":
+        from .quant.hqq import hqq_quantize
+
+        return hqq_quantize(w, scheme, sdt, **dataclasses.asdict(recipe.hqq)), None, None
     return rtn_quantize(w, scheme, recipe.clip, sdt), None, None
 
 
@@ -301,7 +306,7 @@ def compress_model(
         samples = samples.to(_device_of(model))
         _gptq_blocks(model, blocks_name, blocks, recipe, samples, quantized, reports, ggml_types)
     else:
-        for i, block in enumerate(tqdm(blocks, desc="rtn", unit="block")):
+        for i, block in enumerate(tqdm(blocks, desc=recipe.method, unit="block")):
             q, r, _ = quantize_block(block, f"{blocks_name}.{i}", recipe, None, (), {}, ggml_types)
             quantized.update(q)
             reports.update(r)
