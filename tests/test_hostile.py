@@ -107,8 +107,6 @@ def test_inf_activations_name_the_block(capsys, tiny_model_dir, out):
     assert_nothing_written(out.parent)
 
 
-@pytest.mark.xfail(strict=True, reason="engine.quantize_block does not yet check that the Hessians are finite; "
-                                       "today the error blames a Hessian that is not positive definite")
 def test_inf_activations_are_called_nan_or_inf(capsys, tiny_model_dir, out):
     code, line = run(capsys, *_gptq_args(_overflowing_model(tiny_model_dir), out))
     assert code == 2 and re.search(r"\bNaN\b|\bInf\b", line), line

@@ -235,6 +235,7 @@ def quantize_block(block: nn.Module, prefix: str, recipe: Recipe, hidden: list[t
                 hooks.end_sample()
         hessians = {name: hooks.hessians[name].matrix() for name in layers}
         del hooks
+        _check_inputs_finite(hessians, prefix)
     for name, lin in layers.items():
         quantized[name], reports[name] = quantize_layer(name, lin, recipe, hessians.get(name), ggml_types.get(name))
     if hidden is None:
@@ -252,6 +253,14 @@ def _gptq_blocks(model, blocks_name, blocks, recipe, samples, quantized, reports
                                              inputs.kwargs_per_block[i], ggml_types)
         quantized.update(q)
         reports.update(r)
+
+
+def _check_inputs_finite(hessians: dict[str, torch.Tensor], where: str) -> None:
+    """Refuse a layer whose calibration inputs held NaN or Inf (the float model overflowed before it)."""
+    for name, h in hessians.items():
+        if not torch.isfinite(h).all():
+            raise FrugalError(f"{name}: NaN or Inf in its input activations (the float model overflows in "
+                              f"{where} on the calibration data)")
 
 
 def _check_finite(hidden: list[torch.Tensor], where: str) -> None:
@@ -281,6 +290,7 @@ def _outside(model, layers, recipe, samples, quantized, reports, ggml_types) -> 
                 model(samples[i : i + 1], use_cache=False)
                 hooks.end_sample()
         hessians = hooks.hessians
+        _check_inputs_finite({n: h.matrix() for n, h in hessians.items()}, "the layers outside the blocks")
     for name, lin in layers.items():
         _untie(model, name, lin)
         h = hessians[name].matrix() if name in hessians else None
