@@ -58,6 +58,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     c.add_argument("--allow-pickle", action="store_true", help="allow loading pickle checkpoints (runs code from the file)")
     c.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")
+    c.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="one decoder block in memory at a time, resumable (default: when the model does not fit)")
+    c.add_argument("--no-resume", action="store_true", help="start a streamed compression over instead of resuming")
+    c.add_argument("--force", action="store_true", help="run even when the pre-flight estimate says it cannot fit")
     _add_eval_options(c)
 
     e = sub.add_parser("eval", help="evaluate models side by side on the same tokens (results.json, report.html)")
@@ -173,6 +177,8 @@ def cmd_compress(a: argparse.Namespace) -> int:
     scheme = recipe.gguf_type or f"w{w.bits}g{w.group_size}"
     out = Path(a.output or f"out/{source_name}-{recipe.method}-{scheme}" + ("" if fmt == "compressed-tensors" else f"-{fmt}"))
     check_output_dir(out, a.overwrite)
+    if _preflight(a, recipe, fmt, out) != "memory":
+        return _compress_streaming(a, recipe, out)
     protocol = None if a.no_eval else _protocol(a)
     if protocol:  # fail on a bad evaluation text before any work
         from .calibrate import read_text
@@ -215,6 +221,48 @@ def cmd_compress(a: argparse.Namespace) -> int:
     what = recipe.gguf_type or f"W{w.bits} g{w.group_size}{'' if w.symmetric else ' asym'}"
     print(f"\n{recipe.method.upper()} {what}: {loaded.source.name} -> {out}")
     print(table(["", "original", "compressed", "change"], rows))
+    return 0
+
+
+def _preflight(a: argparse.Namespace, recipe, fmt: str, out: Path) -> str:
+    """Estimate memory and disk before any work; "memory", "stream" or "stream-offload" (one block in
+    memory at a time). Jobs streaming cannot do (other formats, mixed precision, data-free, GGUF grids)
+    stay in memory, and are refused when memory cannot hold them (unless --force)."""
+    from .load import resolve
+    from .preflight import decide
+    from .stream import model_directory
+
+    source = resolve(a.model)
+    if a.allow_pickle or (source.is_file() and source.suffix != ".gguf"):
+        return "memory"  # the loader refuses or reads what streaming cannot
+    directory, _ = model_directory(source)
+    needs_memory = [why for why, bad in (("--format " + fmt, fmt != "compressed-tensors"), ("--budget", a.budget),
+                                         ("--max-kl", a.max_kl is not None), ("--data-free", a.data_free),
+                                         ("--gguf-type", recipe.gguf_type)) if bad]
+    if a.stream and needs_memory:
+        raise FrugalError(f"--stream: {needs_memory[0]} needs the whole model in memory")
+    mode, _ = decide(directory, recipe, out, stream=False if needs_memory else a.stream, force=a.force)
+    return mode
+
+
+def _compress_streaming(a: argparse.Namespace, recipe, out: Path) -> int:
+    """`frugal compress` one decoder block at a time (resumable); no before/after evaluation, which would
+    need the whole model twice: run `frugal eval OUT --ref MODEL` on a machine that holds it."""
+    from .report import fmt_bytes, table
+    from .sizes import saved_bytes
+    from .stream import compress_streaming, model_directory
+
+    t0 = time.perf_counter()
+    directory, source = model_directory(a.model)
+    compress_streaming(a.model, recipe, out, a.calib, overwrite=a.overwrite, resume=not a.no_resume)
+    from .preflight import checkpoint_tensors
+
+    before = sum(t.offsets[1] - t.offsets[0] for t in checkpoint_tensors(directory).values())
+    print(f"\n{recipe.method.upper()} (streamed, one block in memory): {source.name} -> {out}")
+    print(table(["", "original", "compressed", "change"],
+                [("weights", fmt_bytes(before), fmt_bytes(saved_bytes(out)), "compressed-tensors"),
+                 ("compression wall time", "", f"{time.perf_counter() - t0:.1f} s", "")]))
+    log.info("streamed compression: no evaluation (run `frugal eval %s --ref MODEL`)", out)
     return 0
 
 
@@ -442,11 +490,17 @@ def cmd_info(a: argparse.Namespace) -> int:
           f"{len(blocks)} blocks at '{blocks_name}'")
     print(table(["layer (per block)", "count", "in", "out"],
                 [(k, c, lin.in_features, lin.out_features) for k, (c, lin) in kinds.items()]))
-    print(table(["memory", "bytes"], [
-        ("float weights", fmt_bytes(model_bytes(m))),
-        (f"quantized W{a.bits} g{a.group_size} (estimate)", fmt_bytes(est["output_bytes"])),
-        ("compression peak RAM (estimate)", fmt_bytes(est["peak_bytes"])),
-    ]))
+    rows = [("float weights", fmt_bytes(model_bytes(m))),
+            (f"quantized W{a.bits} g{a.group_size} (estimate)", fmt_bytes(est["output_bytes"]))]
+    if not a.allow_pickle:
+        from .config import Recipe
+        from .preflight import available_ram_bytes, estimate, free_disk_bytes
+
+        pre = estimate(loaded.path, Recipe(weights=scheme), a.samples, a.calib_len)
+        rows += [(label, fmt_bytes(n)) for label, n in pre.rows()]
+        rows += [("this machine: available RAM", fmt_bytes(available_ram_bytes())),
+                 ("this machine: free disk (here)", fmt_bytes(free_disk_bytes(Path.cwd())))]
+    print(table(["memory", "bytes"], rows))
     if misfit:
         print(f"group size {a.group_size} does not divide the input width of {len(misfit)} layers (e.g. {misfit[0]})")
     return 0
