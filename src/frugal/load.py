@@ -69,7 +69,8 @@ def resolve(spec: str | os.PathLike | None) -> Path:
     return path
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 16 MB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 24), b""):
@@ -92,7 +93,7 @@ def _check_gguf(path: Path) -> None:
 
 def gguf_to_hf(path: Path) -> Path:
     """Dequantize a GGUF file to a float32 safetensors directory once; later calls reuse the cache."""
-    out = cache_dir() / "gguf" / _sha256(path)[:20]
+    out = cache_dir() / "gguf" / sha256_file(path)[:20]
     if (out / "config.json").is_file():
         return out
     _check_gguf(path)

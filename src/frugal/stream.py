@@ -36,6 +36,7 @@ import torch
 import torch.nn as nn
 
 from .errors import FrugalError
+from .load import sha256_file
 from .preflight import checkpoint_tensors, read_header
 
 log = logging.getLogger(__name__)
@@ -67,14 +68,6 @@ def _write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".partial")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
     _durable_replace(tmp, path)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def save_shard(tensors: dict[str, torch.Tensor], path: Path) -> str:
@@ -594,17 +587,9 @@ def _write_index(directory: Path) -> None:
 
 def _write_metadata(model: nn.Module, tokenizer: Any, directory: Path, qc: dict) -> None:
     """config.json (with quantization_config), generation config and tokenizer, as export.hf writes them."""
-    import copy
+    from .export.hf import write_metadata
 
-    cfg = copy.deepcopy(model.config)
-    if hasattr(cfg, "quantization_config"):
-        delattr(cfg, "quantization_config")
-    cfg.quantization_config = qc
-    cfg.save_pretrained(directory)
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(directory)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
+    write_metadata(model, tokenizer, directory, qc)
 
 
 def _finish(job: _Job, samples, outputs, tokenizer, report_args: tuple) -> None:

@@ -44,7 +44,12 @@ def save_tensors(state_dict: dict[str, torch.Tensor], out: Path) -> list[str]:
 def write_checkpoint(model: Any, tokenizer: Any, out: Path, state_dict: dict[str, torch.Tensor],
                      quantization_config: dict | None) -> None:
     """Write a loadable checkpoint of `model`'s config with the given tensors into `out`."""
-    out = Path(out)
+    write_metadata(model, tokenizer, Path(out), quantization_config)
+    save_tensors(state_dict, Path(out))
+
+
+def write_metadata(model: Any, tokenizer: Any, out: Path, quantization_config: dict | None) -> None:
+    """config.json (with `quantization_config`, if any), generation config and tokenizer files."""
     cfg = copy.deepcopy(model.config)
     if hasattr(cfg, "quantization_config"):
         delattr(cfg, "quantization_config")
@@ -55,4 +60,3 @@ def write_checkpoint(model: Any, tokenizer: Any, out: Path, state_dict: dict[str
         model.generation_config.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
-    save_tensors(state_dict, out)
