@@ -123,6 +123,14 @@ def check_plan(model: Any, recipe: Recipe, formats: tuple[str, ...] = ()) -> Non
             by_scheme.setdefault(recipe.scheme_for(name), {})[name] = lin
         for scheme, layers in by_scheme.items():
             check_group_fit(layers, scheme)
+    if recipe.rotation.kind != "none":
+        from .rotate import check as rotation_check
+
+        rotation_check(model)
+    if recipe.awq.enabled:
+        from .awq import check as awq_check
+
+        awq_check(model)
     for fmt in formats:
         check(fmt, model, recipe)
 
@@ -148,6 +156,10 @@ def compress(model_or_path: Any = None, recipe: Recipe | dict | str | Path | Non
     check_plan(model, recipe, formats)
     torch.manual_seed(recipe.seed)
     t0 = time.perf_counter()
+    if recipe.rotation.kind != "none":
+        from .rotate import rotate_model
+
+        rotate_model(model, recipe.rotation)  # function-preserving: calibration and GPTQ see the rotated model
     samples, calib_info = _calibration(calibration, tokenizer, model, recipe)
     quantized, layers = compress_model(model, recipe, samples)
     if not quantized:

@@ -128,6 +128,24 @@ class HQQOptions:
             raise FrugalError(f"{where}.refits={self.refits}: must be >= 0")
 
 
+ROTATIONS = ("none", "hadamard", "random")
+
+
+@dataclass(frozen=True)
+class RotationOptions:
+    """Offline rotations fused into the weights before quantization (QuaRot/SpinQuant style, frugal.rotate):
+    `kind` none | hadamard | random for the residual stream (R1), its seed, and per-head value/output
+    rotations (R2) with `per_head`."""
+
+    kind: str = "none"
+    seed: int = 0
+    per_head: bool = True
+
+    def validate(self, where: str = "rotation") -> None:
+        if self.kind not in ROTATIONS:
+            raise FrugalError(f"{where}.kind={self.kind!r}: choose one of {', '.join(ROTATIONS)}")
+
+
 @dataclass(frozen=True)
 class CalibrationOptions:
     """How many calibration sequences of how many tokens; which ones is decided by the recipe seed."""
@@ -172,6 +190,7 @@ class Recipe:
     gptq: GPTQOptions = field(default_factory=GPTQOptions)
     hqq: HQQOptions = field(default_factory=HQQOptions)
     awq: AWQOptions = field(default_factory=AWQOptions)  # activation-aware scaling before RTN or GPTQ
+    rotation: RotationOptions = field(default_factory=RotationOptions)  # fused before anything else
     calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
     ignore: tuple[str, ...] = ("lm_head",)  # fnmatch patterns of linear layers kept in float
     seed: int = 0
@@ -196,6 +215,7 @@ class Recipe:
             raise FrugalError("recipe.method=hqq: its solver chooses the range itself (no recipe.clip) and "
                               "rounds integer grids only (no recipe.gguf_type)")
         self.awq.validate("recipe.awq")
+        self.rotation.validate("recipe.rotation")
         if self.awq.enabled and self.gguf_type:
             raise FrugalError("recipe.awq.enabled with recipe.gguf_type: AWQ searches integer grids only")
         self.calibration.validate("recipe.calibration")

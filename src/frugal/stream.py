@@ -649,6 +649,8 @@ def _check_job(recipe: Any, calibration: Any) -> None:
     if recipe.gguf_type:
         raise FrugalError(f"recipe.gguf_type={recipe.gguf_type}: streaming writes compressed-tensors; GGUF targets "
                           "need the in-memory path")
+    if recipe.rotation.kind != "none":
+        raise FrugalError("recipe.rotation: rotations transform the whole model at once; use the in-memory path")
     if calibration is False or calibration == "data-free":
         raise FrugalError("--data-free: streaming cannot generate calibration text (the model is never whole in "
                           "memory); pass --calib FILE")
