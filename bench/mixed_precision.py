@@ -56,6 +56,8 @@ def main() -> None:
                     help="the default model, or Gemma 3 270M (fetched from PyPI by bench/models.py)")
     ap.add_argument("--samples", type=int, default=32, help="GPTQ calibration samples (default %(default)s)")
     ap.add_argument("--eval-tokens", type=int, default=8192)
+    ap.add_argument("--uniform", default=",".join(UNIFORM), help="uniform schemes to compare (default %(default)s)")
+    ap.add_argument("--budgets", default=",".join(BUDGETS), help="mixed-precision budgets (default %(default)s)")
     ap.add_argument("--no-docs", action="store_true")
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -88,13 +90,13 @@ def main() -> None:
     protocol = Protocol(str(shared_dir() / "data" / "wikitext-2-raw" / "wiki.test.lf.raw"), 512, a.eval_tokens)
     base = {"method": a.method, "calibration": {"num_samples": a.samples, "seq_len": 512}}
     rows, points = [], {"uniform": [], "mixed": []}
-    for u in UNIFORM:
+    for u in [x for x in a.uniform.split(",") if x]:
         bits, group = int(u[3]), int(u.split("g")[1])
         recipe = Recipe.from_dict({**base, "weights": {"bits": bits, "group_size": group, "scale_dtype": "float16"}})
         ppl, kl, top1, bpw, secs, _ = compress_eval(u, recipe, calib, protocol, src.model, spec)
         rows.append(("uniform " + u, f"{bpw:.3f}", f"{ppl:.3f}", f"{kl:.4f}", f"{100 * top1:.1f}%", f"{secs:.0f}"))
         points["uniform"].append((bpw, ppl, u))
-    for budget, same_size in BUDGETS.items():
+    for budget in [x for x in a.budgets.split(",") if x]:
         p = plan(analysis, budget)
         recipe = apply(Recipe.from_dict({**base, "weights": {"scale_dtype": "float16"}}), p)
         ppl, kl, top1, bpw, secs, c = compress_eval("mixed " + budget, recipe, calib, protocol, src.model, spec)
@@ -107,7 +109,7 @@ def main() -> None:
             c.save(work / "mixed-3.5-ct", overwrite=True)
             c.save(work / "mixed-3.5-gguf", overwrite=True, fmt="gguf")
     body = report(rows, analysis, analysis_s, cached, a)
-    llama = llama_cpp_check(src.tokenizer, work)
+    llama = llama_cpp_check(src.tokenizer, work) if "3.5bpw" in a.budgets.split(",") else ""
     body += llama
     print(body)
     if not a.no_docs:
@@ -117,7 +119,9 @@ def main() -> None:
                       f"Mixed precision vs uniform ({a.method.upper()}, {NAMES[a.model]})",
                       f".venv/bin/python bench/mixed_precision.py --method {a.method} --eval-tokens {a.eval_tokens}"
                       + (f" --samples {a.samples}" if a.method == "gptq" else "")
-                      + ("" if a.model == "default" else f" --model {a.model}"), body)
+                      + ("" if a.model == "default" else f" --model {a.model}")
+                      + ("" if a.uniform == ",".join(UNIFORM) else f" --uniform {a.uniform}")
+                      + ("" if a.budgets == ",".join(BUDGETS) else f" --budgets {a.budgets}"), body)
 
 
 def llama_cpp_check(tok, work: Path) -> str:
