@@ -214,3 +214,23 @@ def test_gptq_aware_analysis_measures_what_gptq_does(tiny_model_dir):
         mod.weight.data = w
     kl = float((ref.exp() * (ref - lp)).sum(-1).mean())
     assert layer.kl["int2g32"] == pytest.approx(kl, rel=1e-3)
+
+
+def test_mixed_checkpoint_with_per_block_schemes_reloads_exactly(tiny_model_dir, tmp_path):
+    """The same layer kind at different bit widths in different blocks (what an allocation produces on a
+    real model): frugal's loader reads it back exactly (transformers 5.23 alone would unpack every dense
+    layer with one config group)."""
+    import frugal
+
+    src = tiny_model_dir("llama", num_hidden_layers=4)
+    over = [{"match": "model.layers.0.*", "weights": {"bits": 3, "group_size": 64, "scale_dtype": "float16"}},
+            {"match": "model.layers.2.*", "weights": {"bits": 2, "group_size": 32, "scale_dtype": "float16"}}]
+    c = frugal.compress(src, {"method": "rtn", "weights": {"bits": 4, "group_size": 32, "scale_dtype": "float16"},
+                              "overrides": over})
+    c.save(tmp_path / "mixed")
+    back = load_model(tmp_path / "mixed").model
+    ids = samples()
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, c.model(ids).logits)
+    for name, qw in c.quantized.items():
+        assert torch.equal(dict(back.named_modules())[name].weight, qw.dequantize())

@@ -196,10 +196,52 @@ def _check_finite(model, directory: Path) -> None:
                 raise FrugalError(f"{directory}: weight {name} has {bad} NaN/Inf values")
 
 
+def _mixed_compressed(cfg: dict) -> bool:
+    """A compressed-tensors checkpoint whose config groups hold more than one weight scheme."""
+    qc = cfg.get("quantization_config") or {}
+    groups = qc.get("config_groups") or {}
+    schemes = {json.dumps(g.get("weights"), sort_keys=True) for g in groups.values() if isinstance(g, dict)}
+    return qc.get("quant_method") == "compressed-tensors" and len(schemes) > 1
+
+
+def _from_mixed_compressed(directory: Path, dtype: Any) -> Any:
+    """transformers 5.23 dequantizes every dense layer with one config group (`get_dense_scheme`), which
+    unpacks a mixed-precision checkpoint wrongly; build the model from its config instead and fill it:
+    packed layers unpacked and dequantized by frugal (exactly), every other tensor as stored."""
+    import torch
+    import transformers
+    from safetensors import safe_open
+
+    from .api import read_compressed_tensors
+
+    config = transformers.AutoConfig.from_pretrained(directory)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    model = transformers.AutoModelForCausalLM.from_config(config).to(dtype)
+    packed = (".weight_packed", ".weight_scale", ".weight_zero_point", ".weight_shape")
+    state: dict[str, torch.Tensor] = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            state.update({k: st.get_tensor(k) for k in st.keys() if not k.endswith(packed)})
+    state.update({f"{n}.weight": qw.dequantize(dtype) for n, qw in read_compressed_tensors(directory).items()})
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = head is not None and head.weight is emb.weight
+    missing = [k for k in missing if not (tied and k.endswith("lm_head.weight"))]
+    if missing:
+        raise FrugalError(f"{directory}: the checkpoint lacks {missing[0]}, which the architecture needs")
+    if unexpected:
+        log.warning("%s: %d tensors the architecture does not use (e.g. %s)", directory, len(unexpected), unexpected[0])
+    return model
+
+
 def _from_pretrained(directory: Path, cfg: dict, dtype: Any, allow_pickle: bool) -> Any:
     """transformers' loader, refusing a checkpoint that lacks weights the architecture needs (transformers
     would initialise them at random and only log it) or holds them in another shape."""
     import transformers
+
+    if _mixed_compressed(cfg):
+        return _from_mixed_compressed(directory, dtype)
 
     kwargs = {}
     if (cfg.get("quantization_config") or {}).get("quant_method") == "compressed-tensors":
