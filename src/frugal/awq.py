@@ -123,41 +123,22 @@ def fold_scales(prev: nn.Module, linears: list[nn.Linear], s: torch.Tensor, norm
 
 
 class StatsHooks:
-    """Activation statistics of each hooked linear's input; layers fed the very same tensor share one."""
+    """Activation statistics of each hooked linear's input; layers fed the very same tensor share one
+    (engine.InputHooks)."""
 
     def __init__(self, layers: dict[str, nn.Linear], tokens_per_sample: int):
         self.layers, self.tokens = layers, tokens_per_sample
-        self.stats: dict[str, ActivationStats] = {}
-        self._owner: dict[str, str] = {}
-        self._seen: dict[int, tuple[str, torch.Tensor]] = {}
-
-    def _hook(self, name: str):
-        def hook(_mod, args):
-            x = args[0]
-            if name not in self._owner:  # the first call decides sharing
-                seen = self._seen.get(id(x))
-                if seen is not None and seen[1] is x:
-                    self._owner[name], self.stats[name] = seen[0], self.stats[seen[0]]
-                    return
-                self._owner[name], self._seen[id(x)] = name, (name, x)
-                self.stats[name] = ActivationStats(x.shape[-1], x.device)
-            if self._owner[name] == name:
-                self.stats[name].add(x, self.tokens)
-        return hook
 
     def collect(self, block: nn.Module, hidden: Iterable[torch.Tensor], args: tuple,
                 kw: dict) -> dict[str, ActivationStats]:
-        from .engine import run_block
+        from .engine import InputHooks, run_block
 
-        handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in self.layers.items()]
-        try:
+        with InputHooks(self.layers, lambda x: ActivationStats(x.shape[-1], x.device),
+                        lambda st, x: st.add(x, self.tokens)) as hooks:
             for x in hidden:
                 run_block(block, x, args, kw)
-                self._seen.clear()
-        finally:
-            for h in handles:
-                h.remove()
-        return self.stats
+                hooks.end_sample()
+        return hooks.acc
 
 
 def _search_pair(block: nn.Module, prefix: str, pair: ScalePair, family: Family, stats: dict[str, ActivationStats],

@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -125,13 +125,13 @@ def run_block(block: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict)
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-class HessianHooks:
-    """Accumulate the Hessian of each linear layer's inputs; layers fed the very same tensor
-    (q/k/v, gate/up) share one accumulator."""
+class InputHooks:
+    """Accumulate something about each linear layer's inputs (`new(x)` makes an accumulator, `add(acc, x)`
+    feeds it); layers fed the very same tensor (q/k/v, gate/up) share one accumulator."""
 
-    def __init__(self, layers: dict[str, nn.Linear]):
-        self.layers = layers
-        self.hessians: dict[str, Hessian] = {}
+    def __init__(self, layers: dict[str, nn.Linear], new: Callable, add: Callable):
+        self.layers, self._new, self._add = layers, new, add
+        self.acc: dict[str, Any] = {}
         self._owner: dict[str, str] = {}  # layer -> layer whose accumulator it shares
         self._seen: dict[int, tuple[str, torch.Tensor]] = {}
         self._handles = []
@@ -143,16 +143,16 @@ class HessianHooks:
                 seen = self._seen.get(id(x))
                 if seen is not None and seen[1] is x:
                     self._owner[name] = seen[0]
-                    self.hessians[name] = self.hessians[seen[0]]
+                    self.acc[name] = self.acc[seen[0]]
                     return
                 self._owner[name] = name
                 self._seen[id(x)] = (name, x)
-                self.hessians[name] = Hessian(x.shape[-1], device=x.device)
+                self.acc[name] = self._new(x)
             if self._owner[name] == name:
-                self.hessians[name].add(x)
+                self._add(self.acc[name], x)
         return hook
 
-    def __enter__(self) -> "HessianHooks":
+    def __enter__(self) -> "InputHooks":
         self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in self.layers.items()]
         return self
 
@@ -163,6 +163,17 @@ class HessianHooks:
         for h in self._handles:
             h.remove()
         self._seen.clear()
+
+
+class HessianHooks(InputHooks):
+    """Accumulate the Hessian of each linear layer's inputs (shared by layers fed the same tensor)."""
+
+    def __init__(self, layers: dict[str, nn.Linear]):
+        super().__init__(layers, lambda x: Hessian(x.shape[-1], device=x.device), lambda h, x: h.add(x))
+
+    @property
+    def hessians(self) -> dict[str, Hessian]:
+        return self.acc
 
 
 def _quantize_weight(name: str, w: torch.Tensor, recipe: Recipe, h: torch.Tensor | None, ggml: str | None):
