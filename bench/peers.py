@@ -72,11 +72,20 @@ class Peer:
     args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     calibrated: bool = True
+    transformed: bool = False  # changes tensors besides the linears (AWQ folding, rotation): whole state saved
 
 
 PEERS = [
     Peer("frugal-rtn", "frugal", "RTN", None, "run_frugal.py", ["--method", "rtn"], calibrated=False),
     Peer("frugal-gptq", "frugal", "GPTQ", None, "run_frugal.py", ["--method", "gptq"]),
+    Peer("frugal-hqq", "frugal", "HQQ (asymmetric)", None, "run_frugal.py", ["--method", "hqq", "--asym"],
+         calibrated=False),
+    Peer("frugal-awq-gptq", "frugal", "AWQ scales + GPTQ (asymmetric)", None, "run_frugal.py",
+         ["--method", "gptq", "--awq", "scales", "--asym"], transformed=True),
+    Peer("frugal-rot-gptq", "frugal", "Hadamard rotation + GPTQ", None, "run_frugal.py",
+         ["--method", "gptq", "--rotate"], transformed=True),
+    Peer("frugal-rot-awq-gptq", "frugal", "rotation + AWQ scales + GPTQ (asymmetric)", None, "run_frugal.py",
+         ["--method", "gptq", "--rotate", "--awq", "scales", "--asym"], transformed=True),
     Peer("llmcompressor-rtn", "llm-compressor", "RTN (QuantizationModifier)", "llmcompressor",
          "run_llmcompressor.py", ["--method", "rtn"], calibrated=False),
     Peer("llmcompressor-gptq", "llm-compressor", "GPTQ (GPTQModifier)", "llmcompressor",
@@ -310,14 +319,16 @@ def _last_progress(logfile: Path) -> str:
 LINEAR_RE = re.compile(r"^model\.layers\.\d+\..*\.weight$")
 
 
-def grid_check(deq: Path, orig: Path, bits: int, group: int) -> dict:
+def grid_check(deq: Path, orig: Path, bits: int, group: int, transformed: bool = False) -> dict:
     """Every decoder linear weight has at most 2^bits distinct values in each group of `group` inputs;
-    every other tensor is the original's; how many weights moved."""
+    every other tensor is the original's (unless the recipe `transformed` the model: AWQ folding or a
+    rotation change norms/embeddings and may add an untied head); how many weights moved."""
     import torch
     from safetensors.torch import load_file
 
     a, o = load_file(str(deq / "model.safetensors")), load_file(str(orig / "model.safetensors"))
-    if set(a) != set(o):
+    added = sorted(set(a) - set(o))
+    if set(o) - set(a) or (added and not (transformed and added == ["lm_head.weight"])):
         return {"ok": False, "why": f"tensor names differ from the original ({len(set(a) ^ set(o))} differ)"}
     worst, checked, moved, total, bad, other_changed = 0, 0, 0, 0, [], []
     for k in sorted(a):
@@ -334,13 +345,16 @@ def grid_check(deq: Path, orig: Path, bits: int, group: int) -> dict:
             moved += int((w != o[k]).sum())
             total += w.numel()
             checked += 1
-        elif not torch.equal(a[k], o[k]):
+        elif k in o and not torch.equal(a[k], o[k]):
             other_changed.append(k)
+    changed_by_transform = other_changed if transformed else []
+    other_changed = [] if transformed else other_changed
     ok = not bad and not other_changed and checked > 0 and moved > 0
     why = "; ".join(bad[:2] + ([f"non-linear tensors changed: {other_changed[:3]}"] if other_changed else [])
                     + (["no weight changed"] if moved == 0 else []))
     return {"ok": ok, "linears": checked, "max_distinct_per_group": worst, "moved_fraction": moved / max(total, 1),
-            "why": why}
+            "why": why, "changed_by_transform": len(changed_by_transform),
+            "added_head_bytes": sum(a[k].numel() * 2 for k in added)}
 
 
 def saved_linear_bytes(saved: Path) -> tuple[int, int]:
@@ -495,7 +509,8 @@ def main() -> None:
         if "error" in rec:
             continue
         out = rundir / key
-        rec["grid"] = grid_check(out / "deq", orig, a.bits, a.group)
+        transformed = next(p.transformed for p in peers if p.key == key)
+        rec["grid"] = grid_check(out / "deq", orig, a.bits, a.group, transformed)
         if not rec["grid"]["ok"]:
             rec["error"] = f"output is not on a {a.bits}-bit grid per group of {a.group}: {rec['grid']['why']}"
             log.error("%s: %s", key, rec["error"])
@@ -610,6 +625,8 @@ def _rows(records: dict, ref, a) -> tuple[list[str], list[list[str]]]:
             note.append("bytes computed (no saved format)")
         if res.get("iters") is not None:
             note.append(f"iters={res['iters']}")
+        if r.get("grid", {}).get("added_head_bytes"):
+            note.append(f"head untied by the rotation: +{r['grid']['added_head_bytes'] / 1e6:.1f} MB at fp16")
         rows.append([r["library"], r["method"], str(a.bits), str(a.group), f"{r['bytes'] / 1e6:.2f}",
                      f"{e['ppl']:.3f}", f"{e['kl']:.4f}", f"{100 * e['top1']:.1f}%",
                      f"{_fmt_time(res.get('quant_seconds'))} / {_fmt_time(r.get('wall_seconds'))}",
@@ -623,6 +640,9 @@ def _checks_text(r: dict) -> str:
     if g and g.get("ok"):
         out.append(f"at most {g['max_distinct_per_group']} distinct values per group in all {g['linears']} linears, "
                    f"{100 * g['moved_fraction']:.1f}% of their weights changed")
+        if g.get("changed_by_transform"):
+            out.append(f"{g['changed_by_transform']} other tensors changed by the recipe's function-preserving "
+                       "transform (folded AWQ scales, rotated norms/embeddings)")
     nc = (r.get("runner") or {}).get("native_check") or {}
     if "max_abs_logprob_diff" in nc:
         out.append(f"the library's own quantized model vs the float32 copy on {nc['tokens']} tokens: max |d log p| "
@@ -653,7 +673,8 @@ def _doc_body(records, headers, rows, versions, a, ref, total_seconds) -> str:
         f"are dequantized to float32 and evaluated here with frugal's protocol (docs/evaluation.md) against the "
         f"original on the same {ref.tokens + a.windows} tokens of wikitext-2-raw test ({a.windows} windows "
         f"of 512). Every output was checked to have at most {2 ** a.bits} distinct values in every group of "
-        f"{a.group} and the other tensors unchanged.\n\n",
+        f"{a.group} and the other tensors unchanged (except where a frugal recipe transforms the model: AWQ "
+        f"folds its scales into the preceding norm or linear, the rotation rotates embeddings and head).\n\n",
         "`linear MB`: the quantized decoder linears (codes, scales, zero points, g_idx) as stored in the "
         "library's own saved checkpoint, or, where it saves none, computed as packed codes + fp16 scales "
         "(+ fp16 zero points). `quantize`: the library's quantization call; `total`: the whole runner process "

@@ -128,6 +128,31 @@ class Run:
         self.result["replaced_linears"] = replaced
         return deq
 
+    def write_model_state(self, model) -> Path:
+        """OUT/deq: the whole model's state (float32) and its config, for recipes that change tensors
+        besides the linears (folded scales, rotated embeddings, an untied head)."""
+        from safetensors.torch import save_file
+
+        orig = Path(self.args.orig)
+        deq = self.out / "deq"
+        deq.mkdir()
+        state = {k: v.detach().to(torch.float32).cpu().contiguous() for k, v in model.state_dict().items()}
+        if getattr(model.config, "tie_word_embeddings", False):
+            state.pop("lm_head.weight", None)
+        bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
+        if bad:
+            raise ValueError(f"{bad[0]}: non-finite values in the compressed model")
+        save_file(state, str(deq / "model.safetensors"), metadata={"format": "pt"})
+        for f in COPY_FILES:
+            if (orig / f).is_file():
+                shutil.copy2(orig / f, deq / f)
+        cfg = json.loads((deq / "config.json").read_text())
+        cfg["tie_word_embeddings"] = bool(getattr(model.config, "tie_word_embeddings", False))
+        (deq / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        self.result["replaced_linears"] = len(decoder_linears(model))
+        self.result["whole_state"] = True
+        return deq
+
     @torch.no_grad()
     def native_check(self, native_model, ids: torch.Tensor) -> None:
         """Compare the peer's own quantized model (its modules and kernels) with OUT/deq on one window."""
@@ -158,7 +183,10 @@ def main(fn, doc: str, library: str) -> None:
     """Parse arguments, run `fn(run)`, and record any exception in result.json before exiting 1."""
     import signal
 
-    args = parser(doc).parse_args()
+    ap = parser(doc)
+    args, rest = ap.parse_known_args()
+    if rest and library != "frugal":  # only frugal's runner reads more flags (its own recipe options)
+        ap.error(f"unrecognized arguments: {' '.join(rest)}")
 
     def _terminated(signum, frame):
         raise SystemExit("stopped by SIGTERM (the parent's time limit)")

@@ -1,4 +1,9 @@
-"""frugal itself (project venv): RTN or GPTQ, symmetric, through frugal.compress, saved as compressed-tensors."""
+"""frugal itself (project venv): RTN, GPTQ or HQQ through frugal.compress, optionally with AWQ scales
+(--awq), an offline Hadamard rotation (--rotate) and asymmetric grids (--asym); saved as compressed-tensors.
+
+With --awq or --rotate, frugal changes tensors besides the linears (AWQ folds its scales into the
+preceding norm or linear; the rotation rotates the embeddings and the head and unties it), so OUT/deq
+is the whole compressed model's state, not the original with its linears replaced."""
 
 from __future__ import annotations
 
@@ -18,27 +23,66 @@ def run(r: _util.Run) -> None:
     ids = r.calib()
     loaded = load_model(a.orig)
     r.save_float_logits(loaded.model, ids)
-    recipe = frugal.Recipe.from_dict({"method": method,
-                                      "weights": {"bits": a.bits, "group_size": a.group, "symmetric": True},
-                                      "calibration": {"num_samples": ids.shape[0], "seq_len": ids.shape[1]},
-                                      "ignore": ["lm_head"], "seed": 0})
+    extra = _extra_args()
+    spec = {"method": method, "weights": {"bits": a.bits, "group_size": a.group, "symmetric": not extra.asym},
+            "calibration": {"num_samples": ids.shape[0], "seq_len": ids.shape[1]}, "ignore": ["lm_head"], "seed": 0}
+    if extra.awq != "off":
+        spec["awq"] = {"enabled": True, "clip": extra.awq == "full"}
+    if extra.rotate:
+        spec["rotation"] = {"kind": "hadamard"}
+    if extra.refine:
+        spec["refine"] = {"enabled": True}
+    recipe = frugal.Recipe.from_dict(spec)
     with r.time("quant"):
         res = frugal.compress(loaded.model, recipe, ids, tokenizer=loaded.tokenizer, inplace=True)
     r.result["recipe"] = recipe.to_dict()
-    r.note(f"recipe defaults: {recipe.to_dict()['gptq'] if method == 'gptq' else 'round to nearest'}; "
-           "symmetric scale max|w|/7.5 per group, stored in the model's dtype (float32 here), clip search off")
+    r.note(_describe(recipe, extra))
+    r.result["symmetric"] = not extra.asym
     weights = {name: q.dequantize() for name, q in res.quantized.items()}
     # the compressed model's own weights must equal the dequantized codes (frugal evaluates res.model)
     mods = dict(res.model.named_modules())
     for name, w in weights.items():
         if not (mods[name].weight.detach().float() == w).all():
             raise AssertionError(f"{name}: model weight differs from dequantized codes")
-    r.write_dequantized(weights)
+    if extra.awq != "off" or extra.rotate:
+        r.write_model_state(res.model)
+    else:
+        r.write_dequantized(weights)
     res.save(r.out / "saved", overwrite=True)
     r.result["computed_bytes"] = sum(q.nbytes() for q in res.quantized.values())
     r.result["saved_format"] = "compressed-tensors pack-quantized"
     r.native_check(res.model, ids)
     r.result["versions"] = _util.versions("frugal", "compressed-tensors")
+
+
+def _extra_args():
+    """frugal-only flags (the shared runner parser leaves them in sys.argv)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(add_help=False)
+    ap.add_argument("--awq", choices=("off", "scales", "full"), default="off")
+    ap.add_argument("--rotate", action="store_true")
+    ap.add_argument("--asym", action="store_true")
+    ap.add_argument("--refine", action="store_true")
+    return ap.parse_known_args()[0]
+
+
+def _describe(recipe, extra) -> str:
+    d = recipe.to_dict()
+    parts = [f"method {recipe.method}"]
+    if recipe.method == "gptq":
+        parts.append(f"GPTQ options {d['gptq']}")
+    if recipe.method == "hqq":
+        parts.append(f"HQQ options {d['hqq']}")
+    if extra.awq != "off":
+        parts.append("AWQ scales (alpha searched on the block output error)"
+                     + (" and clip search" if extra.awq == "full" else ", no clip search"))
+    if extra.rotate:
+        parts.append("Hadamard rotation (R1 residual stream + per-head R2) fused into the weights, head untied")
+    if extra.refine:
+        parts.append(f"block-wise output-error refinement {d.get('refine')}")
+    grid = "asymmetric (integer zero point per group)" if extra.asym else "symmetric scale max|w|/7.5 per group"
+    return "; ".join(parts) + f"; {grid}, scales stored in the model's dtype (float32 here), recipe.clip off"
 
 
 if __name__ == "__main__":
