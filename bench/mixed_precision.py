@@ -135,7 +135,8 @@ def llama_cpp_check(tok, work: Path) -> str:
     ensure_venv()
     wins, bos = windows(tok, Protocol(str(shared_dir() / "data" / "wikitext-2-raw" / "wiki.test.lf.raw"), 512, 2048))
     np.save(work / "windows.npy", wins.numpy())
-    r = runner("ppl", str(work / "mixed-3.5-gguf" / "model.gguf"), str(work / "windows.npy"), threads=2)
+    bos_args = [] if bos is None else ["--bos", str(bos)]  # Gemma scores every token after its BOS
+    r = runner("ppl", str(work / "mixed-3.5-gguf" / "model.gguf"), str(work / "windows.npy"), *bos_args, threads=2)
     return (f"\nThe mixed 3.5 bpw model exported to GGUF (2/3-bit layers in Q4_0 blocks, 4/8-bit in Q4_0/Q8_0) "
             f"runs in llama.cpp: perplexity {r['ppl']:.3f} on {wins.shape[0]} windows x 512.\n")
 
