@@ -218,8 +218,11 @@ def test_gptq_aware_analysis_measures_what_gptq_does(tiny_model_dir):
 
 def test_mixed_checkpoint_with_per_block_schemes_reloads_exactly(tiny_model_dir, tmp_path):
     """The same layer kind at different bit widths in different blocks (what an allocation produces on a
-    real model): frugal's loader reads it back exactly (transformers 5.23 alone would unpack every dense
-    layer with one config group)."""
+    real model): frugal's loader and transformers' default route (compressed-tensors decompresses each
+    layer with its own config group) read it back exactly; only transformers' `dequantize=True` route
+    unpacks every dense layer with one group."""
+    import transformers
+
     import frugal
 
     src = tiny_model_dir("llama", num_hidden_layers=4)
@@ -234,3 +237,6 @@ def test_mixed_checkpoint_with_per_block_schemes_reloads_exactly(tiny_model_dir,
         assert torch.equal(back(ids).logits, c.model(ids).logits)
     for name, qw in c.quantized.items():
         assert torch.equal(dict(back.named_modules())[name].weight, qw.dequantize())
+    plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "mixed", dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert torch.equal(plain(ids).logits, c.model(ids).logits)

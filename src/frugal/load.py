@@ -205,9 +205,10 @@ def _mixed_compressed(cfg: dict) -> bool:
 
 
 def _from_mixed_compressed(directory: Path, dtype: Any) -> Any:
-    """transformers 5.23 dequantizes every dense layer with one config group (`get_dense_scheme`), which
-    unpacks a mixed-precision checkpoint wrongly; build the model from its config instead and fill it:
-    packed layers unpacked and dequantized by frugal (exactly), every other tensor as stored."""
+    """transformers 5.23's dequantize-at-load route (the one frugal needs for float weights, and the one
+    asymmetric checkpoints take) unpacks every dense layer with one config group (`get_dense_scheme`),
+    wrong for a mixed-precision checkpoint; build the model from its config instead and fill it: packed
+    layers unpacked and dequantized by frugal (exactly), every other tensor as stored."""
     import torch
     import transformers
     from safetensors import safe_open
