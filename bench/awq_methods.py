@@ -1,9 +1,10 @@
-"""RTN / AWQ+RTN / GPTQ / AWQ+GPTQ on the default model: ppl on 16 x 512 tokens of wikitext-2-raw test,
-calibration 32 x 512 tokens of wikitext-2 valid.txt (seed 0).
+"""RTN / HQQ / AWQ+RTN / GPTQ / AWQ+GPTQ, each optionally + block-wise refinement, on the default model:
+ppl on 16 x 512 tokens of wikitext-2-raw test, calibration 32 x 512 tokens of wikitext-2 valid.txt (seed 0).
 
     .venv/bin/python bench/awq_methods.py bench/results/awq-methods.jsonl W4g64asym:gptq W4g64asym:awq(scales)+gptq ...
 
 Each CONFIG is <scheme>:<variant> (schemes W4g64sym, W3g64asym, ...; variants in VARIANTS) or `float`;
+a "+refine" variant takes refine options after "@", e.g. W3g64asym:gptq+refine@lr=0.0025,iters=100,scales=false;
 one JSON line per config is appended to the output file. The table in docs/benchmarks.md (`quality-methods`)
 was made from bench/results/awq-methods.jsonl (runs shared the 2 cores with other jobs: times are ceilings)."""
 import json, logging, sys, time
@@ -17,7 +18,22 @@ transformers.logging.set_verbosity_error()
 logging.basicConfig(level=logging.WARNING)
 VARIANTS = {"rtn": ("rtn", {}), "awq+rtn": ("rtn", {"enabled": True}), "gptq": ("gptq", {}),
             "awq+gptq": ("gptq", {"enabled": True}), "awq(scales)+gptq": ("gptq", {"enabled": True, "clip": False}),
-            "awq(scales)+rtn": ("rtn", {"enabled": True, "clip": False})}
+            "awq(scales)+rtn": ("rtn", {"enabled": True, "clip": False}), "hqq": ("hqq", {})}
+VARIANTS.update({f"{k}+refine": v for k, v in list(VARIANTS.items())})
+
+
+def refine_options(variant: str) -> dict:
+    """{"enabled": True, ...options after "@"} for a "+refine" variant, {} otherwise."""
+    name, _, opts = variant.partition("@")
+    if not name.endswith("+refine"):
+        return {}
+    out = {"enabled": True}
+    for kv in filter(None, opts.split(",")):
+        k, v = kv.split("=")
+        out[k] = {"true": True, "false": False}.get(v.lower(), float(v) if "." in v else int(v) if v.isdigit() else v)
+    return out
+
+
 loaded = load_model(None)
 calib = from_text(loaded.tokenizer, default_text(), 32, 512, seed=0)
 protocol = Protocol(text=str(shared_dir() / "data/wikitext-2-raw/wiki.test.lf.raw"), seq_len=512, max_tokens=512 * 16)
@@ -29,9 +45,9 @@ for spec in sys.argv[2:]:  # e.g. W4g64sym:rtn, or float
         continue
     scheme, variant = spec.split(":")
     bits, gs, sym = int(scheme[1]), int(scheme[3:].rstrip("asym").rstrip("sy")), scheme.endswith("sym") and not scheme.endswith("asym")
-    method, awq = VARIANTS[variant]
+    method, awq = VARIANTS[variant.partition("@")[0]]
     recipe = {"method": method, "weights": {"bits": bits, "group_size": gs, "symmetric": sym}, "awq": awq,
-              "calibration": {"num_samples": 32, "seq_len": 512}}
+              "refine": refine_options(variant), "calibration": {"num_samples": 32, "seq_len": 512}}
     t0 = time.perf_counter()
     res = frugal.compress(loaded.model, recipe, calib, tokenizer=loaded.tokenizer)
     secs = time.perf_counter() - t0

@@ -86,6 +86,11 @@ PEERS = [
          ["--method", "gptq", "--rotate"], transformed=True),
     Peer("frugal-rot-awq-gptq", "frugal", "rotation + AWQ scales + GPTQ (asymmetric)", None, "run_frugal.py",
          ["--method", "gptq", "--rotate", "--awq", "scales", "--asym"], transformed=True),
+    Peer("frugal-awq-gptq-refine", "frugal", "AWQ scales + GPTQ + block refinement (asymmetric)", None,
+         "run_frugal.py", ["--method", "gptq", "--awq", "scales", "--asym", "--refine"], transformed=True),
+    Peer("frugal-rot-awq-gptq-refine", "frugal", "rotation + AWQ scales + GPTQ + block refinement (asymmetric)",
+         None, "run_frugal.py", ["--method", "gptq", "--rotate", "--awq", "scales", "--asym", "--refine"],
+         transformed=True),
     Peer("llmcompressor-rtn", "llm-compressor", "RTN (QuantizationModifier)", "llmcompressor",
          "run_llmcompressor.py", ["--method", "rtn"], calibrated=False),
     Peer("llmcompressor-gptq", "llm-compressor", "GPTQ (GPTQModifier)", "llmcompressor",
@@ -409,6 +414,9 @@ def main() -> None:
     ap.add_argument("--install-only", action="store_true", help="only create the peer virtualenvs")
     ap.add_argument("--reinstall", action="store_true", help="recreate the peer virtualenvs")
     ap.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
+    ap.add_argument("--merge", action="store_true",
+                    help="add the selected peers' rows to the recorded results of an earlier run with the same "
+                         "protocol (its other rows are kept as recorded; evaluation is per model)")
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     selected = [k.strip() for k in a.peers.split(",") if k.strip()]
@@ -540,23 +548,42 @@ def main() -> None:
     for v in dict.fromkeys(p.venv for p in peers if p.venv):
         if install.get(v, (False,))[0]:
             versions[v] = venv_versions(v)
+    name = f"peers{'-quick' if a.quick else ''}{'' if a.bits == 4 else f'-w{a.bits}'}.json"
+    cmd = "make setup && .venv/bin/python bench/peers.py" + _flags(a, selected)
+    if a.merge:
+        records, versions, cmd = _merge(BENCH / "results" / name, records, versions, cmd, results["original"], a)
     headers, rows = _rows(records, results["original"], a)
     print(table(headers, rows))
     total_seconds = time.perf_counter() - t_start
-    cmd = "make setup && .venv/bin/python bench/peers.py" + _flags(a, selected)
     out = {"command": cmd, "samples": a.samples, "seq_len": 512, "bits": a.bits, "group_size": a.group,
            "protocol": protocol.__dict__, "eval_tokens": results["original"].tokens, "eval_seconds": eval_seconds,
            "total_seconds": total_seconds, "versions": versions, "original": results["original"].to_dict(),
            "peers": records}
     (BENCH / "results").mkdir(exist_ok=True)
-    name = f"peers{'-quick' if a.quick else ''}{'' if a.bits == 4 else f'-w{a.bits}'}.json"
     (BENCH / "results" / name).write_text(json.dumps(out, indent=2, default=str) + "\n")
     log.info("wrote bench/results/%s; total %.1f min", name, total_seconds / 60)
     if not a.no_docs and not a.quick:
         body = _doc_body(records, headers, rows, versions, a, results["original"], total_seconds)
         write_section(ROOT / "docs" / "benchmarks.md", "peers" if a.bits == 4 else f"peers-w{a.bits}",
-                      f"frugal and peer libraries, W{a.bits} g{a.group} symmetric, on the default model", cmd, body)
+                      f"frugal and peer libraries, W{a.bits} g{a.group}, on the default model", cmd, body)
         log.info("rewrote docs/benchmarks.md section peers")
+
+
+def _merge(path: Path, records: dict, versions: dict, cmd: str, original, a) -> tuple[dict, dict, str]:
+    """The earlier run's records (from `path`) with this run's rows added or replaced, in PEERS order; the
+    protocol (calibration, windows, the original's perplexity) must be the same."""
+    if not path.is_file():
+        raise SystemExit(f"--merge: {path} not found (run without --merge first)")
+    prev = json.loads(path.read_text())
+    same = (prev["samples"] == a.samples and prev["protocol"]["max_tokens"] == 512 * a.windows
+            and prev["bits"] == a.bits and prev["group_size"] == a.group
+            and abs(prev["original"]["ppl"] - original.ppl) < 1e-9)
+    if not same:
+        raise SystemExit(f"--merge: {path} was made with another protocol (samples, windows, bits, group or original)")
+    merged = {**prev["peers"], **records}
+    order = {k: i for i, k in enumerate(PEER_KEYS)}
+    merged = dict(sorted(merged.items(), key=lambda kv: order.get(kv[0], len(order))))
+    return merged, {**prev.get("versions", {}), **versions}, f"{prev['command']}`, then `{cmd} --merge"
 
 
 def _flags(a, selected: list[str]) -> str:

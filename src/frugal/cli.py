@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--rotate", choices=["hadamard", "random"], help="fuse an orthogonal rotation of the residual "
                    "stream (and per-head value/output) into the weights before quantizing (Llama/Mistral/Qwen/Phi-3)")
     c.add_argument("--awq", action="store_true", default=None, help="AWQ activation-aware scaling before RTN or GPTQ")
+    c.add_argument("--refine", action="store_true", default=None, help="refine the codes and group scales of each block "
+                   "on its output error against the float model (SignRound-style; after RTN, HQQ or GPTQ)")
+    c.add_argument("--refine-iters", type=int, help="signed-gradient steps per block for --refine (default 50)")
     c.add_argument("--mse-clip", action="store_true", default=None, help="MSE-optimal clipping search of each group's range")
     c.add_argument("--no-act-order", action="store_true", default=None, help="GPTQ in column order instead of activation order")
     c.add_argument("--damp", type=float, help="GPTQ dampening, fraction of mean(diag H)")
@@ -150,7 +153,8 @@ def _recipe_from_args(a: argparse.Namespace):
             ("weights", "symmetric"): False if a.asym else None, ("weights", "scale_dtype"): a.scale_dtype, ("clip", "enabled"): a.mse_clip,
             ("gptq", "act_order"): False if a.no_act_order else None, ("gptq", "dampening"): a.damp,
             ("calibration", "num_samples"): a.samples, ("calibration", "seq_len"): a.calib_len, ("seed",): a.seed,
-            ("gguf_type",): a.gguf_type, ("rotation", "kind"): a.rotate, ("awq", "enabled"): a.awq}
+            ("gguf_type",): a.gguf_type, ("rotation", "kind"): a.rotate, ("awq", "enabled"): a.awq,
+            ("refine", "enabled"): a.refine, ("refine", "iters"): a.refine_iters}
     for keys, value in sets.items():
         if value is not None:
             target = d
@@ -242,7 +246,8 @@ def _preflight(a: argparse.Namespace, recipe, fmt: str, out: Path) -> str:
     needs_memory = [why for why, bad in (("--format " + fmt, fmt != "compressed-tensors"), ("--budget", a.budget),
                                          ("--max-kl", a.max_kl is not None), ("--data-free", a.data_free),
                                          ("--gguf-type", recipe.gguf_type),
-                                         ("rotation", recipe.rotation.kind != "none")) if bad]
+                                         ("rotation", recipe.rotation.kind != "none"),
+                                         ("--refine", recipe.refine.enabled)) if bad]
     if a.stream and needs_memory:
         raise FrugalError(f"--stream: {needs_memory[0]} needs the whole model in memory")
     mode, _ = decide(directory, recipe, out, stream=False if needs_memory else a.stream, force=a.force)

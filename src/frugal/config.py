@@ -147,6 +147,38 @@ class RotationOptions:
 
 
 @dataclass(frozen=True)
+class RefineOptions:
+    """Block-wise output-error refinement after the first quantizer (SignRound, Cheng et al. 2023;
+    quant/refine.py): `iters` signed-gradient steps of `batch_size` calibration samples each on the rounding
+    offsets (each code moves at most one step) and, with `scales`, one multiplier per group; learning rate
+    `lr` decaying linearly, `scale_lr` for the multipliers (0: same as `lr`). The best iterate
+    on `eval_samples` held-out samples (measured every `eval_every` steps) is kept, never worse than the
+    start. `max_seconds` stops a block early (0: no limit; a stop makes the result depend on the machine's
+    speed); `seed` orders the batches."""
+
+    enabled: bool = False
+    iters: int = 50
+    lr: float = 0.005
+    scale_lr: float = 0.0
+    batch_size: int = 1
+    scales: bool = True
+    eval_samples: int = 4
+    eval_every: int = 5
+    max_seconds: float = 0.0
+    seed: int = 0
+
+    def validate(self, where: str) -> None:
+        for key in ("iters", "batch_size", "eval_samples", "eval_every"):
+            if getattr(self, key) < 1:
+                raise FrugalError(f"{where}.{key}={getattr(self, key)}: must be >= 1")
+        if not 0.0 < self.lr <= 0.5:
+            raise FrugalError(f"{where}.lr={self.lr}: must be in (0, 0.5]")
+        for key in ("scale_lr", "max_seconds"):
+            if not getattr(self, key) >= 0.0:
+                raise FrugalError(f"{where}.{key}={getattr(self, key)}: must be >= 0")
+
+
+@dataclass(frozen=True)
 class CalibrationOptions:
     """How many calibration sequences of how many tokens; which ones is decided by the recipe seed."""
 
@@ -191,6 +223,7 @@ class Recipe:
     hqq: HQQOptions = field(default_factory=HQQOptions)
     awq: AWQOptions = field(default_factory=AWQOptions)  # activation-aware scaling before RTN or GPTQ
     rotation: RotationOptions = field(default_factory=RotationOptions)  # fused before anything else
+    refine: RefineOptions = field(default_factory=RefineOptions)  # block output-error refinement after the quantizer
     calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
     ignore: tuple[str, ...] = ("lm_head",)  # fnmatch patterns of linear layers kept in float
     seed: int = 0
@@ -218,6 +251,9 @@ class Recipe:
         self.rotation.validate("recipe.rotation")
         if self.awq.enabled and self.gguf_type:
             raise FrugalError("recipe.awq.enabled with recipe.gguf_type: AWQ searches integer grids only")
+        self.refine.validate("recipe.refine")
+        if self.refine.enabled and self.gguf_type:
+            raise FrugalError("recipe.refine.enabled with recipe.gguf_type: refinement moves integer-grid codes only")
         self.calibration.validate("recipe.calibration")
         for i, o in enumerate(self.overrides):
             o.validate(f"recipe.overrides[{i}]")

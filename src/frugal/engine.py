@@ -225,10 +225,18 @@ def _device_of(model: nn.Module) -> torch.device:
 
 @torch.no_grad()
 def quantize_block(block: nn.Module, prefix: str, recipe: Recipe, hidden: list[torch.Tensor] | None, args: tuple,
-                   kw: dict, ggml_types: dict[str, str]) -> tuple[dict, dict, list[torch.Tensor] | None]:
+                   kw: dict, ggml_types: dict[str, str],
+                   targets: list[torch.Tensor] | None = None) -> tuple[dict, dict, list[torch.Tensor] | None]:
     """Quantize one decoder block in place: (quantized weights, layer reports, the block's outputs on
     `hidden` with its quantized weights). `hidden` is None for methods that need no calibration data.
-    With `recipe.awq.enabled`, AWQ scales (and clips) the block's weights first, on `hidden`."""
+    With `recipe.awq.enabled`, AWQ scales (and clips) the block's weights first, on `hidden`. With
+    `recipe.refine.enabled`, the quantized weights are then refined (quant.refine) towards `targets`, the
+    float model's outputs of this block (when None: the block's own float outputs on `hidden`)."""
+    if recipe.refine.enabled:
+        if hidden is None:
+            raise FrugalError(f"{prefix}: recipe.refine needs calibration inputs, but none were given")
+        if targets is None:
+            targets = [run_block(block, x, args, kw) for x in hidden]
     if recipe.awq.enabled:
         from .awq import apply_awq
 
@@ -247,8 +255,11 @@ def quantize_block(block: nn.Module, prefix: str, recipe: Recipe, hidden: list[t
         hessians = {name: hooks.hessians[name].matrix() for name in layers}
         del hooks
         _check_inputs_finite(hessians, prefix)
+    float_weights = {name: lin.weight.data for name, lin in layers.items()}  # quantize_layer rebinds .data
     for name, lin in layers.items():
         quantized[name], reports[name] = quantize_layer(name, lin, recipe, hessians.get(name), ggml_types.get(name))
+    if recipe.refine.enabled and quantized:
+        _refine(block, prefix, recipe, layers, quantized, reports, float_weights, hessians, hidden, targets, args, kw)
     if hidden is None:
         return quantized, reports, None
     out = [run_block(block, x, args, kw) for x in hidden]
@@ -256,12 +267,48 @@ def quantize_block(block: nn.Module, prefix: str, recipe: Recipe, hidden: list[t
     return quantized, reports, out
 
 
+def _refine(block, prefix, recipe, layers, quantized, reports, float_weights, hessians, hidden, targets, args,
+            kw) -> None:
+    """Refine a quantized block's codes and scales (quant.refine) and put the result in the block, the
+    quantized weights and the layer reports."""
+    from .quant.refine import refine_block
+
+    cut = len(prefix) + 1
+    res = refine_block(block, {n[cut:]: qw for n, qw in quantized.items()},
+                       {n[cut:]: w for n, w in float_weights.items()}, hidden, targets, args, kw, recipe.refine,
+                       desc=prefix)
+    log.info("%s: refined output error %.4g -> %.4g (%d steps, %.1f s, %.2f%% of codes moved)", prefix,
+             res.initial_loss, res.final_loss, res.iters, res.seconds, 100 * res.moved)
+    for rel, qw in res.weights.items():
+        name = f"{prefix}.{rel}"
+        if qw is quantized[name]:
+            continue
+        w = float_weights[name].float()
+        w_hat = qw.dequantize(layers[name].weight.dtype)
+        dw = w - w_hat.float()  # (out, in)
+        out_err = reports[name].output_rel_error
+        if name in hessians:
+            h = hessians[name]
+            out_err = float(torch.einsum("oi,ij,oj->", dw, h, dw)
+                            / torch.einsum("oi,ij,oj->", w, h, w).clamp_min(1e-30))
+        w_err = float(dw.norm() / w.norm().clamp_min(1e-30))
+        reports[name] = dataclasses.replace(reports[name], weight_rel_error=w_err, output_rel_error=out_err)
+        quantized[name] = qw
+        layers[name].weight.data = w_hat
+
+
 @torch.no_grad()
 def _gptq_blocks(model, blocks_name, blocks, recipe, samples, quantized, reports, ggml_types) -> None:
+    """Every block from the calibration inputs; with recipe.refine, the float model's hidden states are
+    carried beside the quantized model's, and each block's float outputs are its refinement targets."""
     inputs = capture_block_inputs(model, blocks, samples)
+    float_hidden = inputs.hidden if recipe.refine.enabled else None  # the float model's input to block i
     for i, block in enumerate(tqdm(blocks, desc=recipe.method, unit="block")):
-        q, r, inputs.hidden = quantize_block(block, f"{blocks_name}.{i}", recipe, inputs.hidden, inputs.args,
-                                             inputs.kwargs_per_block[i], ggml_types)
+        kw = inputs.kwargs_per_block[i]
+        targets = None if float_hidden is None else [run_block(block, x, inputs.args, kw) for x in float_hidden]
+        q, r, inputs.hidden = quantize_block(block, f"{blocks_name}.{i}", recipe, inputs.hidden, inputs.args, kw,
+                                             ggml_types, targets)
+        float_hidden = targets
         quantized.update(q)
         reports.update(r)
 
@@ -323,7 +370,9 @@ def compress_model(
         awq_check(model)
         if samples is None:
             raise FrugalError("recipe.awq needs calibration samples, but none were given")
-    if recipe.method == "gptq" or recipe.awq.enabled:  # both need each block's calibration inputs
+    if recipe.refine.enabled and samples is None:
+        raise FrugalError("recipe.refine needs calibration samples, but none were given")
+    if recipe.method == "gptq" or recipe.awq.enabled or recipe.refine.enabled:  # all need each block's inputs
         samples = samples.to(_device_of(model))
         _gptq_blocks(model, blocks_name, blocks, recipe, samples, quantized, reports, ggml_types)
     else:

@@ -651,6 +651,9 @@ def _check_job(recipe: Any, calibration: Any) -> None:
                           "need the in-memory path")
     if recipe.rotation.kind != "none":
         raise FrugalError("recipe.rotation: rotations transform the whole model at once; use the in-memory path")
+    if recipe.refine.enabled:
+        raise FrugalError("recipe.refine: refinement carries the float model's activations beside the quantized "
+                          "ones; use the in-memory path")
     if calibration is False or calibration == "data-free":
         raise FrugalError("--data-free: streaming cannot generate calibration text (the model is never whole in "
                           "memory); pass --calib FILE")
