@@ -152,3 +152,13 @@ def test_refusals_name_the_option(llama, tmp_path, capsys):
     assert cli.main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--refine" in err[0], err
+
+
+def test_cli_awq_no_clip_sets_scales_only():
+    from frugal.cli import _parser, _recipe_from_args
+
+    a = _parser().parse_args(["compress", "--awq-no-clip", "--refine", "--asym", "-o", "x"])
+    r = _recipe_from_args(a)
+    assert r.awq.enabled and not r.awq.clip and r.refine.enabled and not r.weights.symmetric
+    r = _recipe_from_args(_parser().parse_args(["compress", "--awq", "-o", "x"]))
+    assert r.awq.enabled and r.awq.clip

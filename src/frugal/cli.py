@@ -42,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--rotate", choices=["hadamard", "random"], help="fuse an orthogonal rotation of the residual "
                    "stream (and per-head value/output) into the weights before quantizing (Llama/Mistral/Qwen/Phi-3)")
     c.add_argument("--awq", action="store_true", default=None, help="AWQ activation-aware scaling before RTN or GPTQ")
+    c.add_argument("--awq-no-clip", action="store_true", default=None,
+                   help="AWQ scales without its clip search (better before GPTQ; implies --awq)")
     c.add_argument("--refine", action="store_true", default=None, help="refine the codes and group scales of each block "
                    "on its output error against the float model (SignRound-style; after RTN, HQQ or GPTQ)")
     c.add_argument("--refine-iters", type=int, help="signed-gradient steps per block for --refine (default 50)")
@@ -153,7 +155,8 @@ def _recipe_from_args(a: argparse.Namespace):
             ("weights", "symmetric"): False if a.asym else None, ("weights", "scale_dtype"): a.scale_dtype, ("clip", "enabled"): a.mse_clip,
             ("gptq", "act_order"): False if a.no_act_order else None, ("gptq", "dampening"): a.damp,
             ("calibration", "num_samples"): a.samples, ("calibration", "seq_len"): a.calib_len, ("seed",): a.seed,
-            ("gguf_type",): a.gguf_type, ("rotation", "kind"): a.rotate, ("awq", "enabled"): a.awq,
+            ("gguf_type",): a.gguf_type, ("rotation", "kind"): a.rotate,
+            ("awq", "enabled"): True if a.awq_no_clip else a.awq, ("awq", "clip"): False if a.awq_no_clip else None,
             ("refine", "enabled"): a.refine, ("refine", "iters"): a.refine_iters}
     for keys, value in sets.items():
         if value is not None:
