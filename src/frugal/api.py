@@ -98,7 +98,7 @@ def _calibration(calibration, loaded_tok, model, recipe: Recipe) -> tuple[torch.
     from . import calibrate
 
     n, seq = recipe.calibration.num_samples, recipe.calibration.seq_len
-    if recipe.method in ("rtn", "hqq") and not recipe.awq.enabled and not recipe.refine.enabled:
+    if not recipe.needs_calibration:
         return None, {"source": None}
     if isinstance(calibration, torch.Tensor):
         return calibration.long(), {"source": "tensor", "num_samples": calibration.shape[0], "seq_len": calibration.shape[1]}

@@ -235,6 +235,11 @@ class Recipe:
     def __post_init__(self) -> None:
         self.validate()
 
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether compressing needs calibration inputs: GPTQ's Hessians, AWQ's statistics, refinement's targets."""
+        return self.method == "gptq" or self.awq.enabled or self.refine.enabled
+
     def validate(self) -> None:
         if self.version != RECIPE_VERSION:
             raise FrugalError(f"recipe.version={self.version}: this frugal reads version {RECIPE_VERSION}")

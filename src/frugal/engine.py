@@ -195,6 +195,16 @@ def _quantize_weight(name: str, w: torch.Tensor, recipe: Recipe, h: torch.Tensor
     return rtn_quantize(w, scheme, recipe.clip, sdt), None, None
 
 
+def _rel_errors(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor | None) -> tuple[float, float | None]:
+    """(||W - W_hat|| / ||W||, tr(dW H dW^T) / tr(W H W^T) or None without a Hessian) for (out, in) weights."""
+    w = w.float()
+    dw = w - w_hat.float()  # (out, in)
+    out_err = None
+    if h is not None:
+        out_err = float(torch.einsum("oi,ij,oj->", dw, h, dw) / torch.einsum("oi,ij,oj->", w, h, w).clamp_min(1e-30))
+    return float(dw.norm() / w.norm().clamp_min(1e-30)), out_err
+
+
 def quantize_layer(name: str, lin: nn.Module, recipe: Recipe, h: torch.Tensor | None,
                    ggml: str | None = None) -> tuple[QuantizedWeight, LayerReport]:
     """Quantize one linear layer in place (its weight becomes the dequantized grid values); `ggml`
@@ -205,14 +215,10 @@ def quantize_layer(name: str, lin: nn.Module, recipe: Recipe, h: torch.Tensor | 
         raise FrugalError(f"{name}: weight has NaN or Inf values")
     qw, loss, damp = _quantize_weight(name, w, recipe, h, ggml)
     w_hat = qw.dequantize(w.dtype)
-    dw = (w.float() - w_hat.float())  # (out, in)
-    out_err = None
-    if h is not None:
-        out_err = float(torch.einsum("oi,ij,oj->", dw, h, dw) / torch.einsum("oi,ij,oj->", w.float(), h, w.float()).clamp_min(1e-30))
+    w_err, out_err = _rel_errors(w, w_hat, h)
     report = LayerReport(
         bits=qw.bits, group_size=qw.group_size, symmetric=qw.zero_point is None,
-        weight_rel_error=float(dw.norm() / w.float().norm().clamp_min(1e-30)),
-        output_rel_error=out_err, gptq_loss=loss, damp=damp, ggml_type=ggml,
+        weight_rel_error=w_err, output_rel_error=out_err, gptq_loss=loss, damp=damp, ggml_type=ggml,
     )
     lin.weight.data = w_hat
     report.seconds = time.perf_counter() - t0
@@ -283,15 +289,8 @@ def _refine(block, prefix, recipe, layers, quantized, reports, float_weights, he
         name = f"{prefix}.{rel}"
         if qw is quantized[name]:
             continue
-        w = float_weights[name].float()
         w_hat = qw.dequantize(layers[name].weight.dtype)
-        dw = w - w_hat.float()  # (out, in)
-        out_err = reports[name].output_rel_error
-        if name in hessians:
-            h = hessians[name]
-            out_err = float(torch.einsum("oi,ij,oj->", dw, h, dw)
-                            / torch.einsum("oi,ij,oj->", w, h, w).clamp_min(1e-30))
-        w_err = float(dw.norm() / w.norm().clamp_min(1e-30))
+        w_err, out_err = _rel_errors(float_weights[name], w_hat, hessians.get(name))
         reports[name] = dataclasses.replace(reports[name], weight_rel_error=w_err, output_rel_error=out_err)
         quantized[name] = qw
         layers[name].weight.data = w_hat
@@ -372,7 +371,7 @@ def compress_model(
             raise FrugalError("recipe.awq needs calibration samples, but none were given")
     if recipe.refine.enabled and samples is None:
         raise FrugalError("recipe.refine needs calibration samples, but none were given")
-    if recipe.method == "gptq" or recipe.awq.enabled or recipe.refine.enabled:  # all need each block's inputs
+    if recipe.needs_calibration:  # GPTQ, AWQ and refinement need each block's inputs
         samples = samples.to(_device_of(model))
         _gptq_blocks(model, blocks_name, blocks, recipe, samples, quantized, reports, ggml_types)
     else:

@@ -201,11 +201,9 @@ def estimate(model_dir: str | Path, recipe: Any = None, n_samples: int | None = 
         layer_work = max(layer_work, _layer_work(out_f, in_f, recipe.method))
         if m and recipe.method == "gptq":
             hess[int(m.group(1))] += in_f * in_f * (8 + 4)
-    calibrated = recipe.method == "gptq" or getattr(getattr(recipe, "awq", None), "enabled", False)
-    refine = getattr(getattr(recipe, "refine", None), "enabled", False)
     # refinement also carries the float model's hidden states: twice the activations
-    return _combine(sum(blocks) + outside, max(blocks), outside, n_blocks, hidden, n * (2 if refine else 1), seq,
-                    calibrated or refine, max(hess), output, layer_work)
+    return _combine(sum(blocks) + outside, max(blocks), outside, n_blocks, hidden, n * (2 if recipe.refine.enabled else 1),
+                    seq, recipe.needs_calibration, max(hess), output, layer_work)
 
 
 def _combine(model: int, block: int, outside: int, n_blocks: int, hidden: int, n: int, seq: int, calibrated: bool,
