@@ -312,3 +312,24 @@ def test_write_text_atomic_on_full_disk(monkeypatch, tmp_path):
     assert path.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["results.json"]
     with pytest.raises(FrugalError, match="cannot write"):
         atomic.write_text_atomic(tmp_path / "missing" / "x.json", "{}")
+
+
+# ----------------------------------------------------------------------------------------- file modes
+
+
+@pytest.mark.parametrize("extra", [[], ["--format", "gguf"], ["--stream"]], ids=["ct", "gguf", "stream"])
+def test_outputs_are_readable_by_others(tmp_path, tiny_model_dir, out, extra):
+    """Outputs get the modes a plain open() gives under the umask (safetensors writes owner-only files and
+    temporary directories are 0700): a serving process running as another user can read them."""
+    import os
+
+    model = tiny_model_dir("llama")
+    old = os.umask(0o022)
+    try:
+        assert main([str(a) for a in _rtn_args(model, out, *extra)]) == 0
+    finally:
+        os.umask(old)
+    modes = {p.relative_to(out).as_posix(): p.stat().st_mode & 0o777 for p in [out, *out.rglob("*")]}
+    assert any(name.endswith((".safetensors", ".gguf")) for name in modes), modes
+    wrong = {n: oct(m) for n, m in modes.items() if m != (0o755 if (out / n).is_dir() else 0o644)}
+    assert not wrong, wrong

@@ -69,6 +69,23 @@ def _replace(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def publish_modes(root: Path) -> None:
+    """Give `root` and everything in it the modes a plain `open` would (0o777/0o666 less the umask):
+    temporary directories and some native writers (safetensors) create owner-only files, which other
+    users, e.g. a serving container's, could not read."""
+    mask = _umask()
+    os.chmod(root, 0o777 & ~mask)
+    for path in root.rglob("*"):
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def _remove_empty(dirs: list[Path]) -> None:
     """Remove the directories we created for an output that was not written (innermost first)."""
     for d in dirs:
@@ -91,7 +108,7 @@ def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
         raise FrugalError(f"{out}: cannot create ({e.strerror or e})") from None
     try:
         yield tmp
-        os.chmod(tmp, 0o755)
+        publish_modes(tmp)
         _replace(tmp, out)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -113,7 +130,7 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):

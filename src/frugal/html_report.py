@@ -18,12 +18,11 @@ import html
 import io
 import logging
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple
 
+from .atomic import write_text_atomic
 from .report import fmt_bytes
 
 log = logging.getLogger(__name__)
@@ -695,14 +694,5 @@ def write_report(results: dict, out_dir: Path) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "report.html"
-    text = render_html(results)
-    fd, tmp = tempfile.mkstemp(prefix=".report.html.", dir=out_dir)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, render_html(results))
     return path

@@ -616,6 +616,9 @@ def _deliver(built: Path, out: Path, overwrite: bool) -> None:
     """Move the finished directory to `out` in one rename (an existing `out` only with `overwrite`)."""
     import tempfile
 
+    from .atomic import publish_modes
+
+    publish_modes(built)
     if out.exists():
         if not overwrite:
             raise FrugalError(f"{out}: output already exists (pass --overwrite to replace it)")
