@@ -47,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--refine", action="store_true", default=None, help="refine the codes and group scales of each block "
                    "on its output error against the float model (SignRound-style; after RTN, HQQ or GPTQ)")
     c.add_argument("--refine-iters", type=int, help="signed-gradient steps per block for --refine (default 50)")
+    c.add_argument("--refine-norms", action="store_true", default=None,
+                   help="also tune each block's norm weights and biases (stored in float; implies --refine)")
     c.add_argument("--mse-clip", action="store_true", default=None, help="MSE-optimal clipping search of each group's range")
     c.add_argument("--no-act-order", action="store_true", default=None, help="GPTQ in column order instead of activation order")
     c.add_argument("--damp", type=float, help="GPTQ dampening, fraction of mean(diag H)")
@@ -157,7 +159,8 @@ def _recipe_from_args(a: argparse.Namespace):
             ("calibration", "num_samples"): a.samples, ("calibration", "seq_len"): a.calib_len, ("seed",): a.seed,
             ("gguf_type",): a.gguf_type, ("rotation", "kind"): a.rotate,
             ("awq", "enabled"): True if a.awq_no_clip else a.awq, ("awq", "clip"): False if a.awq_no_clip else None,
-            ("refine", "enabled"): a.refine, ("refine", "iters"): a.refine_iters}
+            ("refine", "enabled"): True if a.refine_norms else a.refine, ("refine", "iters"): a.refine_iters,
+            ("refine", "norms"): a.refine_norms}
     for keys, value in sets.items():
         if value is not None:
             target = d

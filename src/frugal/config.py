@@ -150,7 +150,8 @@ class RotationOptions:
 class RefineOptions:
     """Block-wise output-error refinement after the first quantizer (SignRound, Cheng et al. 2023;
     quant/refine.py): `iters` signed-gradient steps of `batch_size` calibration samples each on the rounding
-    offsets (each code moves at most one step) and, with `scales`, one multiplier per group; learning rate
+    offsets (each code moves at most one step) and, with `scales`, one multiplier per group; with `norms`,
+    per-channel multipliers of the block's 1-D float parameters (norm weights, biases); learning rate
     `lr` decaying linearly, `scale_lr` for the multipliers (0: same as `lr`). The best iterate
     on `eval_samples` held-out samples (measured every `eval_every` steps) is kept, never worse than the
     start. `max_seconds` stops a block early (0: no limit; a stop makes the result depend on the machine's
@@ -162,6 +163,7 @@ class RefineOptions:
     scale_lr: float = 0.0
     batch_size: int = 1
     scales: bool = True
+    norms: bool = False
     eval_samples: int = 4
     eval_every: int = 5
     max_seconds: float = 0.0

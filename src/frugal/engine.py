@@ -275,8 +275,8 @@ def quantize_block(block: nn.Module, prefix: str, recipe: Recipe, hidden: list[t
 
 def _refine(block, prefix, recipe, layers, quantized, reports, float_weights, hessians, hidden, targets, args,
             kw) -> None:
-    """Refine a quantized block's codes and scales (quant.refine) and put the result in the block, the
-    quantized weights and the layer reports."""
+    """Refine a quantized block's codes and scales (and with recipe.refine.norms its float parameters;
+    quant.refine) and put the result in the block, the quantized weights and the layer reports."""
     from .quant.refine import refine_block
 
     cut = len(prefix) + 1
@@ -285,6 +285,8 @@ def _refine(block, prefix, recipe, layers, quantized, reports, float_weights, he
                        desc=prefix)
     log.info("%s: refined output error %.4g -> %.4g (%d steps, %.1f s, %.2f%% of codes moved)", prefix,
              res.initial_loss, res.final_loss, res.iters, res.seconds, 100 * res.moved)
+    for rel, value in res.params.items():
+        block.get_parameter(rel).data = value
     for rel, qw in res.weights.items():
         name = f"{prefix}.{rel}"
         if qw is quantized[name]:

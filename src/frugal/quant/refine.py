@@ -13,7 +13,10 @@ against the float model's outputs on calibration inputs,
   round(t0) = c0, and v = 0, m = 1 IS the first quantizer, bit for bit.
 - v in [-0.5, 0.5]: each code moves at most one step from c0. m in SCALE_RANGE per group; the integer
   zero point stays fixed (files need it integer, and moving it by a whole step is not a small change).
-- Rounding is straight-through; v and m follow signed gradient descent, the learning rate decaying
+- With `norms`, the block's one-dimensional float parameters P (norm weights, biases; stored in float by
+  every format) are tuned too, as P * k with per-channel multipliers k in SCALE_RANGE: a norm weight
+  scales its input channels of the following linears, which no per-group scale can do.
+- Rounding is straight-through; v, m and k follow signed gradient descent, the learning rate decaying
   linearly to 0. Every `eval_every` steps the exact result (codes rounded, scales cast to their stored
   dtype) is measured on held-out samples; the best is kept, and the start when nothing beats it.
 
@@ -25,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -61,6 +64,8 @@ class RefineResult:
     seconds: float
     moved: float  # fraction of codes that differ from the start
     timed_out: bool = False
+    params: dict[str, torch.Tensor] = field(default_factory=dict)  # tuned float parameters (`norms`), by name
+
 
     def stats(self) -> dict[str, Any]:
         return {"initial_loss": self.initial_loss, "final_loss": self.final_loss, "iters": self.iters,
@@ -150,6 +155,19 @@ def _batches(train: list[int], opts: RefineOptions):
             yield perm[i : i + opts.batch_size]
 
 
+def float_params(block: nn.Module, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The block's one-dimensional float parameters other than the quantized layers' weights (norm weights,
+    biases), by name."""
+    skip = {f"{n}.weight" for n in names}
+    return {k: p.detach() for k, p in block.named_parameters()
+            if k not in skip and p.dim() == 1 and p.is_floating_point()}
+
+
+def scaled(free: dict[str, torch.Tensor], k: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """P * k for every tuned float parameter, in P's dtype."""
+    return {n: (p.float() * k[n]).to(p.dtype) for n, p in free.items()}
+
+
 def _sign_step(params: list[torch.Tensor], lr: float, lo: float, hi: float) -> None:
     """p <- clamp(p - lr * sign(grad), lo, hi), then clear the gradient."""
     for p in params:
@@ -158,17 +176,18 @@ def _sign_step(params: list[torch.Tensor], lr: float, lo: float, hi: float) -> N
             p.grad = None
 
 
-def _descend(block: nn.Module, base: dict, grids: dict[str, Grid], v: dict, m: dict, batch: list, args: tuple,
-             kwargs: dict, lrs: tuple[float, float], decay: float) -> None:
-    """One signed-gradient step of offsets v and multipliers m on the batch's summed mean squared error."""
+def _descend(block: nn.Module, base: dict, grids: dict[str, Grid], v: dict, m: dict, free: dict, k: dict,
+             batch: list, args: tuple, kwargs: dict, lrs: tuple[float, float], decay: float) -> None:
+    """One signed-gradient step of offsets v and multipliers m (and k of the float parameters `free`) on the
+    batch's summed mean squared error."""
     with torch.enable_grad():
-        params = {**base, **{f"{n}.weight": soft_weight(g, v[n], m.get(n)) for n, g in grids.items()}}
+        params = {**base, **scaled(free, k), **{f"{n}.weight": soft_weight(g, v[n], m.get(n)) for n, g in grids.items()}}
         loss = sum((block_output(block, params, x.detach(), args, kwargs) - y.detach()).pow(2).mean()
                    for x, y in batch)
         loss.backward()
     with torch.no_grad():
         _sign_step(list(v.values()), lrs[0] * decay, -0.5, 0.5)
-        _sign_step(list(m.values()), lrs[1] * decay, *SCALE_RANGE)
+        _sign_step([*m.values(), *k.values()], lrs[1] * decay, *SCALE_RANGE)
 
 
 def _moved(start: dict[str, QuantizedWeight], new: dict[str, QuantizedWeight]) -> float:
@@ -181,7 +200,8 @@ def refine_block(block: nn.Module, quantized: dict[str, QuantizedWeight], float_
                  opts: RefineOptions, desc: str = "block") -> RefineResult:
     """Refine the codes (and group scales) of `quantized` (module name inside `block` -> its first
     quantization) so that the block on inputs `xs` comes closer to float targets `ys`. `float_weights`
-    (same names, (out, in)) are the weights the first quantizer rounded. The block is not modified."""
+    (same names, (out, in)) are the weights the first quantizer rounded. With `opts.norms` the block's
+    float parameters are tuned too (RefineResult.params). The block is not modified."""
     t_start = time.perf_counter()
     names = sorted(quantized)
     mods = dict(block.named_modules())
@@ -190,27 +210,31 @@ def refine_block(block: nn.Module, quantized: dict[str, QuantizedWeight], float_
     held, train = _split(len(xs), opts)
     hx, hy = [xs[i] for i in held], [ys[i] for i in held]
 
-    def loss_of(weights: dict[str, QuantizedWeight]) -> float:
-        params = {**base, **{f"{n}.weight": weights[n].dequantize(grids[n].dtype) for n in names}}
-        return output_error(block, params, hx, hy, args, kwargs)
+    free = float_params(block, names) if opts.norms else {}
+
+    def loss_of(weights: dict[str, QuantizedWeight], params: dict[str, torch.Tensor]) -> float:
+        full = {**base, **params, **{f"{n}.weight": weights[n].dequantize(grids[n].dtype) for n in names}}
+        return output_error(block, full, hx, hy, args, kwargs)
 
     v = {n: torch.zeros_like(grids[n].t0, requires_grad=True) for n in names}
     m = {n: torch.ones_like(grids[n].scale, requires_grad=True) for n in names} if opts.scales else {}
-    best = dict(quantized)
-    initial = best_loss = loss_of(best)
+    k = {n: torch.ones_like(p, dtype=torch.float32, requires_grad=True) for n, p in free.items()}
+    best, best_params = dict(quantized), {}
+    initial = best_loss = loss_of(best, best_params)
     lr, scale_lr = opts.lr, opts.scale_lr or opts.lr
     batches, step, timed_out = _batches(train, opts), 0, False
     bar = tqdm(range(opts.iters), desc=f"refine {desc}", unit="step", leave=False)
     for step in bar:
         batch = [(xs[i], ys[i]) for i in next(batches)]
-        _descend(block, base, grids, v, m, batch, args, kwargs, (lr, scale_lr), 1.0 - step / opts.iters)
+        _descend(block, base, grids, v, m, free, k, batch, args, kwargs, (lr, scale_lr), 1.0 - step / opts.iters)
         timed_out = opts.max_seconds > 0 and time.perf_counter() - t_start > opts.max_seconds
         if (step + 1) % opts.eval_every == 0 or step + 1 == opts.iters or timed_out:
             cand = {n: hard_weight(grids[n], v[n].detach(), m[n].detach() if m else None) for n in names}
-            cand_loss = loss_of(cand)
+            cand_params = scaled(free, {n: t.detach() for n, t in k.items()})
+            cand_loss = loss_of(cand, cand_params)
             log.debug("%s: step %d output error %.6g (best %.6g)", desc, step + 1, cand_loss, best_loss)
             if cand_loss < best_loss:
-                best, best_loss = cand, cand_loss
+                best, best_params, best_loss = cand, cand_params, cand_loss
             bar.set_postfix(err=f"{best_loss:.4g}")
         if timed_out:
             log.warning("%s: refinement stopped after %d of %d steps (max_seconds=%g)", desc, step + 1, opts.iters,
@@ -218,4 +242,4 @@ def refine_block(block: nn.Module, quantized: dict[str, QuantizedWeight], float_
             break
     bar.close()
     return RefineResult(best, initial, best_loss, step + 1, time.perf_counter() - t_start,
-                        _moved(quantized, best), timed_out)
+                        _moved(quantized, best), timed_out, best_params)
