@@ -360,19 +360,15 @@ def _outside(model, layers, recipe, samples, quantized, reports, ggml_types) -> 
 def compress_model(
     model: nn.Module, recipe: Recipe, samples: torch.Tensor | None
 ) -> tuple[dict[str, QuantizedWeight], dict[str, LayerReport]]:
-    """Quantize `model` in place following `recipe`; `samples` are (n, seq) calibration token ids."""
+    """Quantize `model` in place following `recipe` (checked by api.check_plan); `samples` are (n, seq)
+    calibration token ids."""
     blocks_name, blocks = find_blocks(model)
     quantized: dict[str, QuantizedWeight] = {}
     reports: dict[str, LayerReport] = {}
     ggml_types = gguf_layer_types(model, recipe) if recipe.gguf_type else {}
-    if recipe.awq.enabled:
-        from .awq import check as awq_check
-
-        awq_check(model)
-        if samples is None:
-            raise FrugalError("recipe.awq needs calibration samples, but none were given")
-    if recipe.refine.enabled and samples is None:
-        raise FrugalError("recipe.refine needs calibration samples, but none were given")
+    for key in ("awq", "refine"):  # api.check_plan has refused models these options cannot take
+        if getattr(recipe, key).enabled and samples is None:
+            raise FrugalError(f"recipe.{key} needs calibration samples, but none were given")
     if recipe.needs_calibration:  # GPTQ, AWQ and refinement need each block's inputs
         samples = samples.to(_device_of(model))
         _gptq_blocks(model, blocks_name, blocks, recipe, samples, quantized, reports, ggml_types)
