@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import pickle
 import re
 import subprocess
@@ -321,8 +322,6 @@ def test_write_text_atomic_on_full_disk(monkeypatch, tmp_path):
 def test_outputs_are_readable_by_others(tmp_path, tiny_model_dir, out, extra):
     """Outputs get the modes a plain open() gives under the umask (safetensors writes owner-only files and
     temporary directories are 0700): a serving process running as another user can read them."""
-    import os
-
     model = tiny_model_dir("llama")
     old = os.umask(0o022)
     try:

@@ -53,7 +53,7 @@ def _write_error(out: Path, tmp: Path, e: BaseException, existed: bool) -> Fruga
     return FrugalError(f"{out}: {what} ({os.strerror(code)}); {kept}")
 
 
-def _replace(tmp: Path, out: Path) -> None:
+def replace_dir(tmp: Path, out: Path) -> None:
     """Move `tmp` to `out`; an existing `out` is swapped out first and put back if the move fails."""
     if not out.exists():
         os.replace(tmp, out)
@@ -109,7 +109,7 @@ def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     try:
         yield tmp
         publish_modes(tmp)
-        _replace(tmp, out)
+        replace_dir(tmp, out)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_empty(new_parents)

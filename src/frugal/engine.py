@@ -366,10 +366,10 @@ def compress_model(
     quantized: dict[str, QuantizedWeight] = {}
     reports: dict[str, LayerReport] = {}
     ggml_types = gguf_layer_types(model, recipe) if recipe.gguf_type else {}
-    for key in ("awq", "refine"):  # api.check_plan has refused models these options cannot take
-        if getattr(recipe, key).enabled and samples is None:
-            raise FrugalError(f"recipe.{key} needs calibration samples, but none were given")
     if recipe.needs_calibration:  # GPTQ, AWQ and refinement need each block's inputs
+        if samples is None:
+            raise FrugalError(f"recipe (method {recipe.method}, awq {recipe.awq.enabled}, refine "
+                              f"{recipe.refine.enabled}) needs calibration samples, but none were given")
         samples = samples.to(_device_of(model))
         _gptq_blocks(model, blocks_name, blocks, recipe, samples, quantized, reports, ggml_types)
     else:

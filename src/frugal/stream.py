@@ -614,20 +614,12 @@ def _finish(job: _Job, samples, outputs, tokenizer, report_args: tuple) -> None:
 
 def _deliver(built: Path, out: Path, overwrite: bool) -> None:
     """Move the finished directory to `out` in one rename (an existing `out` only with `overwrite`)."""
-    import tempfile
+    from .atomic import publish_modes, replace_dir
 
-    from .atomic import publish_modes
-
+    if out.exists() and not overwrite:
+        raise FrugalError(f"{out}: output already exists (pass --overwrite to replace it)")
     publish_modes(built)
-    if out.exists():
-        if not overwrite:
-            raise FrugalError(f"{out}: output already exists (pass --overwrite to replace it)")
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / out.name)
-        os.replace(built, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(built, out)
+    replace_dir(built, out)
     _fsync_dir(out.parent)
 
 

@@ -66,7 +66,6 @@ class RefineResult:
     timed_out: bool = False
     params: dict[str, torch.Tensor] = field(default_factory=dict)  # tuned float parameters (`norms`), by name
 
-
     def stats(self) -> dict[str, Any]:
         return {"initial_loss": self.initial_loss, "final_loss": self.final_loss, "iters": self.iters,
                 "seconds": self.seconds, "moved": self.moved, "timed_out": self.timed_out}
