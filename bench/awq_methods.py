@@ -11,8 +11,8 @@ import json, logging, sys, time
 import torch, transformers
 import frugal
 from frugal.calibrate import from_text, default_text
-from frugal.evaluate import Protocol, evaluate
-from frugal.load import load_model, shared_dir
+from frugal.evaluation.metrics import Protocol, evaluate
+from frugal.load.model import load_model, shared_dir
 
 transformers.logging.set_verbosity_error()
 logging.basicConfig(level=logging.WARNING)

@@ -48,11 +48,11 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     import transformers
 
-    from frugal.cli import eval_table
-    from frugal.evalsuite import SuiteOptions, run_suite
-    from frugal.evaluate import Protocol
-    from frugal.html_report import write_report
-    from frugal.load import shared_dir
+    from frugal.cli.main import eval_table
+    from frugal.evaluation.suite import SuiteOptions, run_suite
+    from frugal.evaluation.metrics import Protocol
+    from frugal.report.html import write_report
+    from frugal.load.model import shared_dir
 
     transformers.logging.set_verbosity_error()
     paths = compress_variants(16 if a.quick else a.samples)

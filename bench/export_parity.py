@@ -36,7 +36,7 @@ class OrtAsModel:
     def __init__(self, directory: Path, threads: int):
         import torch
 
-        from frugal.export.onnx_runtime import OrtCausalLM
+        from frugal.exporters.onnx_runtime import OrtCausalLM
 
         self.ort = OrtCausalLM(directory, threads=threads)
         self._p = torch.zeros(1)
@@ -54,7 +54,7 @@ def torch_pass(model, wins, bos):
 
     import torch
 
-    from frugal.evaluate import _logprobs
+    from frugal.evaluation.metrics import _logprobs
 
     nll, count, argmax = 0.0, 0, []
     with torch.no_grad():
@@ -79,7 +79,7 @@ def gptq_reload(c, directory: Path, tokenizer) -> dict:
     from safetensors.torch import save_file
 
     import gptq_reload as gr
-    from frugal.load import shared_dir
+    from frugal.load.model import shared_dir
 
     text = (shared_dir() / "data" / "wikitext-2-raw" / "wiki.test.lf.raw").read_text()[:20000]
     ids = tokenizer(text, return_tensors="pt").input_ids[:, :256]
@@ -105,8 +105,8 @@ def main() -> None:
 
     import frugal
     from frugal.calibrate import from_text
-    from frugal.evaluate import Protocol, windows
-    from frugal.load import load_model, shared_dir
+    from frugal.evaluation.metrics import Protocol, windows
+    from frugal.load.model import load_model, shared_dir
     from gguf_vs_llamacpp import WORK as GGUF_WORK, ensure_venv, runner
 
     torch.set_num_threads(a.threads)
@@ -164,7 +164,7 @@ def _fmt(d: dict, key: str) -> str:
 
 
 def row(engine: str, directory: Path, ppl, own_ppl: float, top1, diff: str = "") -> tuple:
-    from frugal.sizes import saved_bytes
+    from frugal.evaluation.sizes import saved_bytes
 
     size = f"{saved_bytes(directory) / 1e6:.1f}"
     if ppl is None:
@@ -173,7 +173,7 @@ def row(engine: str, directory: Path, ppl, own_ppl: float, top1, diff: str = "")
 
 
 def report(rows, n_calib: int, n_windows: int, g: dict) -> str:
-    from frugal.report import table
+    from frugal.report.table import table
 
     head = ["engine (file)", "MB", "ppl", "vs frugal", "top-1 = frugal's", "max |Δlogit|"]
     return (f"Default model, GPTQ W4 g64 symmetric, float16 scales, {n_calib} x 512 calibration tokens, compressed "

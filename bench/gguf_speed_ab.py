@@ -38,7 +38,7 @@ def main() -> None:
         rows.append((str(Path(f).resolve().relative_to(ROOT)) if Path(f).resolve().is_relative_to(ROOT) else f,
                      f"{statistics.median(dec):.1f}", f"{max(r['best_decode_tok_s'] for r in rs):.1f}",
                      f"{statistics.median(pre):.0f}", f"{max(r['best_prefill_tok_s'] for r in rs):.0f}"))
-    from frugal.report import table
+    from frugal.report.table import table
 
     text = table(["file", "decode tok/s (median)", "decode (best)", "prefill tok/s (median)", "prefill (best)"], rows)
     print(text)

@@ -63,7 +63,7 @@ def mb(path: Path) -> float:
 def frugal_gguf(model_dir, tok, calib, recipe: dict, out: Path):
     """Compress a fresh copy of the model with `recipe` and write its GGUF; returns (Compressed, seconds)."""
     import frugal
-    from frugal.load import load_model
+    from frugal.load.model import load_model
 
     loaded = load_model(model_dir)
     t0 = time.perf_counter()
@@ -85,9 +85,9 @@ def main() -> None:
     import numpy as np
 
     from frugal.calibrate import from_text
-    from frugal.evaluate import Protocol, windows
-    from frugal.export.gguf import write_gguf
-    from frugal.load import load_model, shared_dir
+    from frugal.evaluation.metrics import Protocol, windows
+    from frugal.exporters.gguf import write_gguf
+    from frugal.load.model import load_model, shared_dir
 
     ensure_venv()
     WORK.mkdir(parents=True, exist_ok=True)
@@ -113,7 +113,7 @@ def main() -> None:
 
 def compare(ftype, a, src, calib, protocol, ref, bos_args) -> list[tuple]:
     """llama.cpp's quantization of the source and frugal's GPTQ and RTN onto the same file type."""
-    from frugal.evaluate import evaluate
+    from frugal.evaluation.metrics import evaluate
 
     llama_path = WORK / f"llama-{ftype}.gguf"
     q = runner("quantize", str(WORK / "source-f32.gguf"), str(llama_path), ftype, threads=a.threads)
@@ -144,7 +144,7 @@ def compare(ftype, a, src, calib, protocol, ref, bos_args) -> list[tuple]:
 
 
 def report(rows, ref, n_calib, n_windows, threads) -> str:
-    from frugal.report import table
+    from frugal.report.table import table
 
     head = ["file type", "quantized by", "same tensor types as llama.cpp", "MB", "ppl (llama.cpp)", "vs F32",
             "ppl (frugal, PyTorch)", "decode tok/s", "prefill tok/s", "quantize s"]

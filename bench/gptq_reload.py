@@ -56,7 +56,7 @@ def prepare(a: argparse.Namespace) -> list[Path]:
 
     WORK.mkdir(parents=True, exist_ok=True)
     if a.model:  # a real model: "default" or a path; ids are tokens of the shared evaluation text
-        from frugal.load import load_model
+        from frugal.load.model import load_model
 
         loaded = load_model(None if a.model == "default" else a.model)
         src, prefix = loaded.path, "default" if a.model == "default" else Path(a.model).name

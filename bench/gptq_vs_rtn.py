@@ -38,9 +38,9 @@ def main() -> None:
 
     import frugal
     from frugal.calibrate import from_text
-    from frugal.evaluate import Protocol, evaluate
-    from frugal.load import load_model, shared_dir
-    from frugal.report import table
+    from frugal.evaluation.metrics import Protocol, evaluate
+    from frugal.load.model import load_model, shared_dir
+    from frugal.report.table import table
 
     transformers.logging.set_verbosity_error()
     samples, windows = (16, 8) if a.quick else (128, 40)

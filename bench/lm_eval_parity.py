@@ -1,4 +1,4 @@
-"""Zero-shot PIQA / HellaSwag: frugal.tasks against the reference harness lm-eval, same model, same items.
+"""Zero-shot PIQA / HellaSwag: frugal.evaluation.tasks against the reference harness lm-eval, same model, same items.
 
     .venv/bin/python bench/lm_eval_parity.py                  # PIQA first 300 items, HellaSwag first 100
     .venv/bin/python bench/lm_eval_parity.py --limit 20       # both tasks, first 20 items (smoke run)
@@ -8,8 +8,8 @@ first, then lm-eval with constraints.txt so no CUDA torch is pulled, and the pro
 version). lm-eval cannot reach the hub, so the tasks are local copies of its official `piqa` and
 `hellaswag` tasks (same doc_to_text / doc_to_choice / doc_to_target; hellaswag's process_docs is the
 installed utils.py, copied verbatim) reading JSONL files derived here from ../shared/data by
-frugal.tasks' doc readers. lm-eval runs on the default model's float32 directory (`--batch_size 1`,
-CPU, samples logged); frugal.tasks then scores the same items, and every context string,
+frugal.evaluation.tasks' doc readers. lm-eval runs on the default model's float32 directory (`--batch_size 1`,
+CPU, samples logged); frugal.evaluation.tasks then scores the same items, and every context string,
 choice and log-likelihood is compared, not only the accuracies.
 
 Prints a table and rewrites the `lm-eval-parity` section of docs/benchmarks.md. Work files go to
@@ -146,7 +146,7 @@ metadata:
 
 def write_tasks(py: Path) -> Path:
     """Task YAMLs and their JSONL data under WORK/tasks; returns the include path."""
-    from frugal.tasks import hellaswag_docs, piqa_docs
+    from frugal.evaluation.tasks import hellaswag_docs, piqa_docs
 
     d = WORK / "tasks"
     if d.exists():
@@ -228,7 +228,7 @@ def main() -> None:
                     help="items per task (default: PIQA 300, HellaSwag 100), the first ones in file order")
     ap.add_argument("--tasks", default="piqa,hellaswag", help="comma-separated: piqa,hellaswag")
     ap.add_argument("--model", default=None, help="model (default: the default model's float32 directory)")
-    ap.add_argument("--batch-size", type=int, default=16, help="sequences per forward in frugal.tasks")
+    ap.add_argument("--batch-size", type=int, default=16, help="sequences per forward in frugal.evaluation.tasks")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads for both (default 1: on this shared 2-core machine two threads "
                          "spin-wait and run ~3x slower)")
@@ -238,8 +238,8 @@ def main() -> None:
     import torch
     import transformers
 
-    from frugal.load import load_model
-    from frugal.tasks import load_items, loglikelihoods, predictions, score
+    from frugal.load.model import load_model
+    from frugal.evaluation.tasks import load_items, loglikelihoods, predictions, score
 
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(a.threads)
@@ -313,11 +313,11 @@ def main() -> None:
     model_name = "the default model's float32 directory (dequantized once from its GGUF)" if a.model is None else f"`{a.model}`"
     body = (f"lm-eval {versions.get('lm_eval', '?')} (torch {versions.get('torch', '?')}, transformers "
             f"{versions.get('transformers', '?')}, datasets {versions.get('datasets', '?')}, its own venv "
-            f"bench/.venvs/lm-eval) against `frugal.tasks`, zero-shot, on {model_name}, float32, CPU. Both read "
+            f"bench/.venvs/lm-eval) against `frugal.evaluation.tasks`, zero-shot, on {model_name}, float32, CPU. Both read "
             "the same first N items, in file order, of ../shared/data: lm-eval through local copies of its "
             "official `piqa` and `hellaswag` task configs (same doc_to_text / doc_to_choice / doc_to_target; "
             "hellaswag's process_docs is the installed `utils.py`, copied) over JSONL written from that data by "
-            "`frugal.tasks.piqa_docs` / `hellaswag_docs`. \"items with other text\": items whose (context, "
+            "`frugal.evaluation.tasks.piqa_docs` / `hellaswag_docs`. \"items with other text\": items whose (context, "
             "continuation) request strings differ between the two; \"items scored otherwise\": items whose acc "
             "or acc_norm verdict differs; \"max |Δ loglik|\": the largest difference of one choice's summed "
             f"log-likelihood (frugal batches {a.batch_size} right-padded sequences, lm-eval ran `--batch_size 1`). "

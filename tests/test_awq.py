@@ -36,7 +36,7 @@ def randomize_norms(model, seed: int = 0) -> None:
 @torch.no_grad()
 def add_outlier_channels(model, family: str, factor: float = 20.0, seed: int = 3) -> None:
     """Make 4 hidden channels of every block norm `factor` x larger, the activation outliers AWQ is for."""
-    from frugal.blocks import find_blocks
+    from frugal.load.blocks import find_blocks
 
     g = torch.Generator().manual_seed(seed)
     offset = 1.0 if family == "gemma3" else 0.0
@@ -50,9 +50,9 @@ def add_outlier_channels(model, family: str, factor: float = 20.0, seed: int = 3
 def test_folding_scales_keeps_the_logits(family):
     """Folding arbitrary positive scales into every pair (no quantization) changes no logit by more
     than 1e-5 relative, for norms with offsets and biases and for linear -> linear pairs."""
-    from frugal.awq import FAMILIES as AWQ_FAMILIES
-    from frugal.awq import block_config, fold_scales, scale_pairs
-    from frugal.blocks import find_blocks
+    from frugal.compression.transforms.awq import FAMILIES as AWQ_FAMILIES
+    from frugal.compression.transforms.awq import block_config, fold_scales, scale_pairs
+    from frugal.load.blocks import find_blocks
 
     model = tiny(family) if family == "opt" else tiny(family, num_key_value_heads=4)
     randomize_norms(model)
@@ -79,7 +79,7 @@ def test_folding_scales_keeps_the_logits(family):
 def test_grouped_query_attention_skips_v_to_o():
     """With fewer key/value heads than query heads, v_proj's output is narrower than o_proj's input:
     that pair is left out, the others stay."""
-    from frugal.awq import block_config, scale_pairs
+    from frugal.compression.transforms.awq import block_config, scale_pairs
 
     block = tiny("llama").model.layers[0]
     prevs = [p.prev for p in scale_pairs(block, block_config(block, "b"), "b")]
@@ -87,7 +87,7 @@ def test_grouped_query_attention_skips_v_to_o():
 
 
 def _mean_block_error(model, ref, ids) -> float:
-    from frugal.blockerror import block_errors
+    from frugal.evaluation.blockerror import block_errors
 
     errs = block_errors(model, ref, ids)
     return sum(e["rel_error"] for e in errs) / len(errs)
@@ -170,8 +170,8 @@ def test_unknown_family_is_refused_before_any_work(monkeypatch):
     import transformers
 
     import frugal
-    import frugal.engine
-    from frugal.awq import check
+    import frugal.compression.engine
+    from frugal.compression.transforms.awq import check
     from frugal.errors import FrugalError
 
     cfg = transformers.GPTNeoXConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -183,7 +183,7 @@ def test_unknown_family_is_refused_before_any_work(monkeypatch):
     def no_work(*_a, **_k):
         raise AssertionError("block inputs captured before the family was checked")
 
-    monkeypatch.setattr(frugal.engine, "capture_block_inputs", no_work)
+    monkeypatch.setattr(frugal.compression.engine, "capture_block_inputs", no_work)
     calib = torch.randint(3, 512, (2, 16))
     with pytest.raises(FrugalError, match="'gpt_neox'"):
         frugal.compress(model, {"method": "rtn", "weights": {"group_size": 32}, "awq": {"enabled": True}}, calib)
@@ -191,7 +191,7 @@ def test_unknown_family_is_refused_before_any_work(monkeypatch):
 
 def test_quantize_block_without_inputs_refuses_awq():
     from frugal.config import Recipe
-    from frugal.engine import quantize_block
+    from frugal.compression.engine import quantize_block
     from frugal.errors import FrugalError
 
     block = tiny("llama").model.layers[0]

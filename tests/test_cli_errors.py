@@ -15,7 +15,7 @@ import pytest
 
 from conftest import EVAL_TEXT
 
-CLI = [sys.executable, "-m", "frugal.cli"]  # cli.py ends with `if __name__ == "__main__"`
+CLI = [sys.executable, "-m", "frugal.cli.main"]  # cli.py ends with `if __name__ == "__main__"`
 
 
 def run_cli(*args: str | Path, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:

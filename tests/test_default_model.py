@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def default_model():
     from frugal.errors import FrugalError
-    from frugal.load import load_model
+    from frugal.load.model import load_model
 
     try:
         return load_model(None)
@@ -31,7 +31,7 @@ def test_gptq_w4_default_model_end_to_end(default_model, tmp_path):
     import torch
 
     import frugal
-    from frugal.evaluate import Protocol, evaluate
+    from frugal.evaluation.metrics import Protocol, evaluate
 
     recipe = {"method": "gptq", "weights": {"bits": 4, "group_size": 64},
               "calibration": {"num_samples": 8, "seq_len": 256}}

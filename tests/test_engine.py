@@ -14,8 +14,8 @@ def test_captured_block_inputs_reproduce_the_forward(tiny_model_factory, family)
     """Running the blocks one by one from the captured inputs gives the model's own hidden states."""
     import transformers
 
-    from frugal.blocks import find_blocks
-    from frugal.engine import capture_block_inputs, run_block
+    from frugal.load.blocks import find_blocks
+    from frugal.compression.hooks import capture_block_inputs, run_block
 
     model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_factory(family)).eval()
     ids = torch.randint(3, 512, (3, 40), generator=torch.Generator().manual_seed(1))
@@ -34,8 +34,8 @@ def test_q_k_v_share_one_hessian(tiny_model_factory):
     """Layers fed the same tensor accumulate into one Hessian; the others get their own."""
     import transformers
 
-    from frugal.blocks import block_linears, find_blocks
-    from frugal.engine import HessianHooks, capture_block_inputs, run_block
+    from frugal.load.blocks import block_linears, find_blocks
+    from frugal.compression.hooks import HessianHooks, capture_block_inputs, run_block
 
     model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_factory("llama")).eval()
     name, blocks = find_blocks(model)
@@ -124,7 +124,7 @@ def test_nan_weight_names_the_layer(tiny_model_factory):
 
 def test_info_counts_layer_kinds_under_a_nested_block_list(tiny_model_factory, capsys):
     """`frugal info` groups OPT's layers (blocks at model.decoder.layers) by kind, one count per block."""
-    from frugal.cli import main
+    from frugal.cli.main import main
 
     assert main(["info", str(tiny_model_factory("opt")), "--group-size", "32"]) == 0
     rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines() if line.strip()}

@@ -25,8 +25,8 @@ def pair(tiny_model_factory, tmp_path_factory):
 
 
 def test_block_errors_zero_for_the_reference_and_positive_for_a_compressed_model(pair):
-    from frugal.blockerror import block_errors
-    from frugal.load import load_model
+    from frugal.evaluation.blockerror import block_errors
+    from frugal.load.model import load_model
 
     src, out = pair
     ref, comp = load_model(src).model, load_model(out).model
@@ -39,8 +39,8 @@ def test_block_errors_zero_for_the_reference_and_positive_for_a_compressed_model
 
 
 def test_suite_results_follow_the_schema(pair):
-    from frugal.evalsuite import SuiteOptions, run_suite
-    from frugal.evaluate import Protocol
+    from frugal.evaluation.suite import SuiteOptions, run_suite
+    from frugal.evaluation.metrics import Protocol
 
     src, out = pair
     opts = SuiteOptions(protocol=Protocol(text=str(EVAL_TEXT), seq_len=64, max_tokens=256), generate=True, max_new_tokens=4)
@@ -61,7 +61,7 @@ def test_suite_results_follow_the_schema(pair):
 
 def test_speed_in_its_own_process(pair):
     src, _ = pair
-    proc = subprocess.run([sys.executable, "-m", "frugal.speed", str(src), "--repeats", "2", "--prompt-tokens", "16",
+    proc = subprocess.run([sys.executable, "-m", "frugal.evaluation.speed", str(src), "--repeats", "2", "--prompt-tokens", "16",
                            "--new-tokens", "4"], capture_output=True, text=True, check=True)
     s = json.loads(proc.stdout.strip().splitlines()[-1])
     assert s["prefill_tok_s"]["min"] <= s["prefill_tok_s"]["median"] <= s["prefill_tok_s"]["max"]
@@ -73,8 +73,8 @@ def test_perplexity_equals_a_plain_reference_computation(pair):
     """frugal's perplexity equals exp(mean of transformers' own shifted cross-entropy) per window."""
     import math
 
-    from frugal.evaluate import Protocol, evaluate, windows
-    from frugal.load import load_model
+    from frugal.evaluation.metrics import Protocol, evaluate, windows
+    from frugal.load.model import load_model
 
     src, _ = pair
     lm = load_model(src)

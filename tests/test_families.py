@@ -253,8 +253,8 @@ def test_gemma3_blocks_get_their_own_masks(tiny_model_factory):
     rotary embeddings; the engine must record (and replay) each block's own arguments."""
     from transformers import AutoModelForCausalLM
 
-    from frugal.blocks import find_blocks
-    from frugal.engine import capture_block_inputs
+    from frugal.load.blocks import find_blocks
+    from frugal.compression.hooks import capture_block_inputs
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_factory("gemma3")).eval()
     name, blocks = find_blocks(model)

@@ -2,7 +2,7 @@
 lengths and counts replaced by huge or overflowing values, random JSON headers), must end in a
 FrugalError or load. Never another exception, never more memory than the file's size, never slow.
 
-Stronger than "no crash": whenever frugal.validate accepts a file, the library behind it (safetensors,
+Stronger than "no crash": whenever frugal.load.validate accepts a file, the library behind it (safetensors,
 gguf-py) must read every tensor of it without error, so our checks are at least as strict as theirs.
 
 CI runs a fixed (derandomized) set of examples in well under a minute; FRUGAL_FUZZ_EXAMPLES=5000 runs
@@ -25,8 +25,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from frugal.errors import FrugalError
-from frugal.load import _check_gguf, _check_weights, load_model
-from frugal.validate import check_gguf, check_safetensors
+from frugal.load.model import _check_gguf, _check_weights, load_model
+from frugal.load.validate import check_gguf, check_safetensors
 
 EXAMPLES = int(os.environ.get("FRUGAL_FUZZ_EXAMPLES", "0"))
 LOCAL = EXAMPLES > 0
@@ -174,7 +174,7 @@ def test_fuzz_random_safetensors_headers(scratch, data):
 def consistent_safetensors(draw) -> bytes:
     """Headers whose offsets are mostly right, so that some files are valid and the checks past the
     offsets (overlap, gaps, dtype sizes, sub-byte rows) get exercised."""
-    from frugal.validate import SAFETENSORS_BITS
+    from frugal.load.validate import SAFETENSORS_BITS
 
     header, pos = {}, 0
     for i in range(draw(st.integers(0, 4))):

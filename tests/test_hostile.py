@@ -1,4 +1,4 @@
-"""Hostile and broken input through the CLI (`frugal.cli.main`, in process): each case ends with exit
+"""Hostile and broken input through the CLI (`frugal.cli.main.main`, in process): each case ends with exit
 code 2, one `frugal: error:` line naming the file, layer or block at fault, and no output written
 (no output directory, no temporary directory beside it, an existing output left as it was).
 
@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import CALIB_TEXT, dir_digest
-from frugal.cli import main
+from frugal.cli.main import main
 
 
 def run(capsys, *args) -> tuple[int, str]:
@@ -278,7 +278,7 @@ def test_interrupt_mid_write(capsys, monkeypatch, tiny_model_dir, out):
 
 
 def test_import_stays_light():
-    code = ("import sys, frugal, frugal.validate, frugal.atomic, frugal.load; "
+    code = ("import sys, frugal, frugal.load.validate, frugal.atomic, frugal.load.model; "
             "heavy = {'torch', 'transformers', 'gguf', 'numpy', 'safetensors'} & set(sys.modules); "
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True)

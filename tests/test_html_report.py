@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from frugal.html_report import layer_series, pareto_front, render_html, write_report
+from frugal.report.html import layer_series, pareto_front, render_html, write_report
 
 CHROMIUM = Path("/usr/bin/chromium")
 KINDS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -168,7 +168,7 @@ def test_same_bytes_every_time(page, tmp_path):
     assert render_html(results) == first
     # and in a fresh process, with another hash seed and a build date set
     (tmp_path / "r.json").write_text(json.dumps(results))
-    code = ("import json,sys; from frugal.html_report import render_html; "
+    code = ("import json,sys; from frugal.report.html import render_html; "
             "sys.stdout.write(render_html(json.load(open(sys.argv[1]))))")
     env = {**os.environ, "PYTHONHASHSEED": "123", "SOURCE_DATE_EPOCH": "1700000000"}
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "r.json")], capture_output=True, text=True,
@@ -235,7 +235,7 @@ def test_crowded_and_identical_points_are_all_labelled():
 
 
 def test_import_is_light():
-    code = "import sys, frugal.html_report; assert 'matplotlib' not in sys.modules and 'torch' not in sys.modules"
+    code = "import sys, frugal.report.html; assert 'matplotlib' not in sys.modules and 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 

@@ -1,4 +1,4 @@
-"""frugal.op_sensitivity: per-operator float rounding on tiny llama / qwen3 / gemma3 models."""
+"""frugal.analysis.ops: per-operator float rounding on tiny llama / qwen3 / gemma3 models."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from frugal.errors import FrugalError
-from frugal.op_sensitivity import CLASSES, OpRounding, op_sensitivity, round_to_format, row_rel_error
+from frugal.analysis.ops import CLASSES, OpRounding, op_sensitivity, round_to_format, row_rel_error
 
 FAMILIES = ("llama", "qwen3", "gemma3")
 FORMATS = ("float16", "bfloat16", "fp8_e4m3")
@@ -27,7 +27,7 @@ EXPECTED = {
 def loaded(tiny_model_factory):
     """family -> (model, (2, 48) calibration tokens), built once per module."""
     from frugal.calibrate import from_text
-    from frugal.load import load_model
+    from frugal.load.model import load_model
 
     from conftest import CALIB_TEXT
 
@@ -209,7 +209,7 @@ def test_unknown_class_and_format(loaded):
 
 
 def test_cli_analyze_ops_writes_json_and_table(tiny_model_factory, tmp_path, capsys):
-    from frugal import cli
+    import frugal.cli.main as cli
 
     out = tmp_path / "ops"
     rc = cli.main(["analyze", str(tiny_model_factory("llama")), "--ops", "--ops-formats", "bfloat16,fp8_e4m3",

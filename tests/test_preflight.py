@@ -22,11 +22,11 @@ STREAM_FACTOR, MEMORY_FACTOR = 1.25, 1.5
 
 CHILD = textwrap.dedent("""
     import sys, json
-    from frugal.preflight import peak_rss_bytes
+    from frugal.compression.preflight import peak_rss_bytes
     src, out, mode = sys.argv[1], sys.argv[2], sys.argv[3]
     recipe = json.loads(sys.argv[4])
     if mode == "stream":
-        from frugal.stream import compress_streaming
+        from frugal.compression.stream import compress_streaming
         compress_streaming(src, recipe, out)
     else:
         import frugal
@@ -48,8 +48,8 @@ def test_estimate_counts_what_the_files_hold(tiny_model_factory, tmp_path):
 
     import frugal
     from frugal.config import Recipe
-    from frugal.preflight import estimate
-    from frugal.sizes import saved_bytes
+    from frugal.compression.preflight import estimate
+    from frugal.evaluation.sizes import saved_bytes
 
     src = tiny_model_factory("llama")
     est = estimate(src, Recipe.from_dict({**RTN, "weights": {"bits": 4, "group_size": 32}}))
@@ -69,7 +69,7 @@ def test_estimate_bounds_measured_peak_rss(tiny_model_factory, tmp_path):
     """Both paths run in a child process (RTN, 2 blocks of 45 MB); its peak RSS lies below the
     estimate, and the estimate within a stated factor of it."""
     from frugal.config import Recipe
-    from frugal.preflight import estimate
+    from frugal.compression.preflight import estimate
 
     src = tiny_model_factory("llama", **MID)
     est = estimate(src, Recipe.from_dict(RTN))
@@ -103,7 +103,7 @@ def test_headers_only_and_refusal_of_a_model_larger_than_the_machine(tmp_path):
     """A 'model' of ~0.1 TB (headers without data) is estimated from its header alone; the check names
     what is needed and what the machine has, and the streaming path needs far less."""
     from frugal.config import Recipe
-    from frugal.preflight import available_ram_bytes, check_fits, choose_mode, estimate, free_disk_bytes
+    from frugal.compression.preflight import available_ram_bytes, check_fits, choose_mode, estimate, free_disk_bytes
 
     est = estimate(_fake_checkpoint(tmp_path / "big", 80, 8192), Recipe(), n_samples=128, seq_len=512)
     block = (8192 * 8192 + 8192 * 4 * 8192 + 8192) * 4
@@ -125,7 +125,7 @@ def test_headers_only_and_refusal_of_a_model_larger_than_the_machine(tmp_path):
 
 def test_peak_rss_is_the_process_own(tmp_path):
     """A child's peak RSS does not include its parent's, whatever ru_maxrss says."""
-    code = "from frugal.preflight import peak_rss_bytes; print(peak_rss_bytes())"
+    code = "from frugal.compression.preflight import peak_rss_bytes; print(peak_rss_bytes())"
     ballast = bytearray(300 * 10**6)
     ballast[:: 4096] = b"\x01" * len(ballast[:: 4096])  # make the parent 300 MB resident
     child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout)
@@ -137,7 +137,7 @@ def test_decide_picks_the_path_that_fits(tiny_model_factory, tmp_path):
     """A tiny model compresses in memory; a model no machine holds is refused unless forced."""
     from frugal.config import Recipe
     from frugal.errors import FrugalError
-    from frugal.preflight import decide
+    from frugal.compression.preflight import decide
 
     assert decide(tiny_model_factory("llama"), Recipe(), tmp_path / "out")[0] == "memory"
     assert decide(tiny_model_factory("llama"), Recipe(), tmp_path / "out", stream=True)[0] == "stream"
@@ -150,7 +150,7 @@ def test_decide_picks_the_path_that_fits(tiny_model_factory, tmp_path):
 @pytest.mark.parametrize("version", [1, 2])
 def test_available_ram_takes_the_cgroup_limit(tmp_path, version):
     """MemAvailable, or the cgroup's limit minus its usage (reclaimable page cache counted free) when smaller."""
-    from frugal.preflight import available_ram_bytes
+    from frugal.compression.preflight import available_ram_bytes
 
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal: 16000000 kB\nMemAvailable:  8000000 kB\n")

@@ -33,7 +33,7 @@ def kl(ref: torch.Tensor, out: torch.Tensor) -> float:
 
 @pytest.fixture(scope="module")
 def llama(tiny_model_factory):
-    from frugal.load import load_model
+    from frugal.load.model import load_model
 
     path = tiny_model_factory("llama", initializer_range=0.05)
     return path, load_model(path).model
@@ -41,7 +41,7 @@ def llama(tiny_model_factory):
 
 def test_targets_are_the_float_models_block_outputs(llama, monkeypatch):
     """Block i is refined towards the float model's output of block i (not the quantized model's)."""
-    import frugal.engine as engine
+    import frugal.compression.engine as engine
 
     _, model = llama
     seen = []
@@ -74,8 +74,8 @@ def test_refined_model_saves_reloads_and_is_closer_to_float(llama, tmp_path):
     model (observed on this tiny model): RTN 0.0100 -> 0.0071 with refinement (calibrated now); GPTQ
     0.0064 -> 0.0062 (per block the refinement is never worse on held-out samples, but GPTQ leaves little
     to gain on a random model)."""
-    from frugal.api import read_compressed_tensors
-    from frugal.load import load_model
+    from frugal.load.compressed import read_compressed_tensors
+    from frugal.load.model import load_model
 
     _, model = llama
     ref = logits(model)
@@ -138,7 +138,7 @@ def test_same_inputs_same_bytes(llama, tmp_path):
 
 
 def test_cli_refine(llama, tmp_path):
-    from frugal import cli
+    import frugal.cli.main as cli
 
     path, _ = llama
     out = tmp_path / "cli"
@@ -152,10 +152,10 @@ def test_cli_refine(llama, tmp_path):
 
 
 def test_refusals_name_the_option(llama, tmp_path, capsys):
-    from frugal import cli
+    import frugal.cli.main as cli
     from frugal.config import Recipe
-    from frugal.engine import quantize_block
-    from frugal.stream import compress_streaming
+    from frugal.compression.engine import quantize_block
+    from frugal.compression.stream import compress_streaming
 
     path, model = llama
     with pytest.raises(FrugalError, match=r"^recipe\.refine\.enabled with recipe\.gguf_type") as info:
@@ -176,7 +176,7 @@ def test_refusals_name_the_option(llama, tmp_path, capsys):
 
 
 def test_cli_awq_no_clip_sets_scales_only():
-    from frugal.cli import _parser, _recipe_from_args
+    from frugal.cli.main import _parser, _recipe_from_args
 
     a = _parser().parse_args(["compress", "--awq-no-clip", "--refine", "--asym", "-o", "x"])
     r = _recipe_from_args(a)

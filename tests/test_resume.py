@@ -26,7 +26,7 @@ EVENTS = 3 * BLOCKS + 1
 CHILD = textwrap.dedent("""
     import json, os, signal, sys
     import torch
-    from frugal.stream import compress_streaming
+    from frugal.compression.stream import compress_streaming
 
     src, out, recipe, kill_at, budget = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
     count = [0]
@@ -52,7 +52,7 @@ def _run_child(src: Path, out: Path, kill_at: int, budget: str) -> int:
 
 @pytest.fixture(scope="module")
 def model_and_reference(tiny_model_factory, tmp_path_factory):
-    from frugal.stream import compress_streaming
+    from frugal.compression.stream import compress_streaming
 
     src = tiny_model_factory("llama", num_hidden_layers=BLOCKS)
     ref = compress_streaming(str(src), RECIPE, tmp_path_factory.mktemp("ref") / "out", _ids())
@@ -62,7 +62,7 @@ def model_and_reference(tiny_model_factory, tmp_path_factory):
 def test_sigkill_at_random_points_then_resume_is_byte_identical(model_and_reference, tmp_path):
     """Two SIGKILLs at seeded random events (the second run resumes and is killed again, with the
     activations on disk this time), then a third run finishes: same bytes as the uninterrupted run."""
-    from frugal.stream import compress_streaming
+    from frugal.compression.stream import compress_streaming
 
     src, reference = model_and_reference
     out, work = tmp_path / "out", tmp_path / ".out.stream-work"
@@ -82,7 +82,7 @@ def test_sigkill_at_random_points_then_resume_is_byte_identical(model_and_refere
 
 def _interrupted(src: Path, out: Path, at_block: int, recipe: dict = RECIPE) -> None:
     """Leave a checkpoint behind: fail (as a crash would) right after block `at_block` is checkpointed."""
-    from frugal.stream import compress_streaming
+    from frugal.compression.stream import compress_streaming
 
     def progress(event, block):
         if event == "checkpoint" and block == at_block:
@@ -94,7 +94,7 @@ def _interrupted(src: Path, out: Path, at_block: int, recipe: dict = RECIPE) -> 
 
 def test_changed_recipe_or_source_refuses_to_resume(model_and_reference, tmp_path):
     from frugal.errors import FrugalError
-    from frugal.stream import compress_streaming
+    from frugal.compression.stream import compress_streaming
 
     src, reference = model_and_reference
     out = tmp_path / "out"
@@ -118,7 +118,7 @@ def test_changed_recipe_or_source_refuses_to_resume(model_and_reference, tmp_pat
 
 def test_no_resume_starts_over(model_and_reference, tmp_path):
     """--no-resume discards a checkpoint even when it belongs to another recipe."""
-    from frugal.stream import compress_streaming
+    from frugal.compression.stream import compress_streaming
 
     src, reference = model_and_reference
     _interrupted(src, tmp_path / "out", 2, {**RECIPE, "weights": {"bits": 8, "group_size": 32}})
@@ -128,7 +128,7 @@ def test_no_resume_starts_over(model_and_reference, tmp_path):
 
 def test_damaged_checkpoint_is_refused(model_and_reference, tmp_path):
     from frugal.errors import FrugalError
-    from frugal.stream import compress_streaming
+    from frugal.compression.stream import compress_streaming
 
     src, _ = model_and_reference
     out = tmp_path / "out"
@@ -145,7 +145,7 @@ def test_second_process_is_refused(model_and_reference, tmp_path):
     import fcntl
 
     from frugal.errors import FrugalError
-    from frugal.stream import compress_streaming
+    from frugal.compression.stream import compress_streaming
 
     src, _ = model_and_reference
     work = tmp_path / ".out.stream-work"

@@ -1,4 +1,4 @@
-"""Offline rotations (frugal.rotate): the maths on tiny tensors, then exactness on tiny models of every
+"""Offline rotations (frugal.compression.transforms.rotation): the maths on tiny tensors, then exactness on tiny models of every
 supported family, refusals, incoherence, RTN error, determinism and a compressed-tensors round trip."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from conftest import build_tiny_model
 
 import frugal
 from frugal.errors import FrugalError
-from frugal.rotate import (FAMILIES, RotationOptions, check, fuse_norm, hadamard, incoherence, random_hadamard,
+from frugal.compression.transforms.rotation import (FAMILIES, RotationOptions, check, fuse_norm, hadamard, incoherence, random_hadamard,
                            random_orthogonal, rotate_head_cols, rotate_head_rows, rotate_model, rotate_reader,
                            rotate_writer)
 
@@ -244,8 +244,8 @@ def test_recipe_rotation_through_the_cli(tiny_model_dir, tmp_path):
     the compressed model's logits, and streaming (which never holds the whole model) refuses it."""
     import json
 
-    from frugal import cli
-    from frugal.load import load_model
+    import frugal.cli.main as cli
+    from frugal.load.model import load_model
 
     src = tiny_model_dir("llama")
     out = tmp_path / "rot"

@@ -1,4 +1,4 @@
-"""Streaming compression (frugal.stream): the same quantized tensors, config and frugal.json as the
+"""Streaming compression (frugal.compression.stream): the same quantized tensors, config and frugal.json as the
 in-memory path, block by block, with activations in RAM or on disk; the output loads in transformers."""
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ CASES = {  # name: (family, config overrides, recipe, calibration)
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_streaming_equals_in_memory(tiny_model_factory, tmp_path, case):
     import frugal
-    from frugal.stream import compress_streaming
+    from frugal.compression.stream import compress_streaming
 
     family, overrides, recipe, calibration = CASES[case]
     src = tiny_model_factory(family, **overrides)
@@ -63,7 +63,7 @@ def test_streaming_equals_in_memory(tiny_model_factory, tmp_path, case):
 def test_activations_on_disk_give_the_same_bytes(tiny_model_factory, tmp_path):
     """With a zero activation budget each block reads its inputs from a file on disk, and the output is
     byte-identical to the in-RAM run; the output directory appears only at the end."""
-    from frugal.stream import compress_streaming
+    from frugal.compression.stream import compress_streaming
 
     src = tiny_model_factory("gemma3")
     seen = []
@@ -85,7 +85,7 @@ def test_output_loads_in_transformers(tiny_model_factory, tmp_path):
     import transformers
 
     import frugal
-    from frugal.stream import compress_streaming
+    from frugal.compression.stream import compress_streaming
 
     src = tiny_model_factory("llama")
     res = frugal.compress(str(src), GPTQ, IDS)
@@ -99,7 +99,7 @@ def test_output_loads_in_transformers(tiny_model_factory, tmp_path):
 
 def test_refusals_before_work(tiny_model_factory, tmp_path):
     from frugal.errors import FrugalError
-    from frugal.stream import compress_streaming
+    from frugal.compression.stream import compress_streaming
 
     src = tiny_model_factory("llama")
     with pytest.raises(FrugalError, match="gguf_type=Q4_0: streaming writes compressed-tensors"):
@@ -119,7 +119,7 @@ def test_slot_file_round_trip(tmp_path):
     from safetensors.torch import load_file
 
     from frugal.errors import FrugalError
-    from frugal.stream import SlotFile, SlotWriter, write_slots
+    from frugal.compression.stream import SlotFile, SlotWriter, write_slots
 
     xs = [torch.randn(1, 5, 3, generator=torch.Generator().manual_seed(i)) for i in range(4)]
     write_slots(tmp_path / "a.safetensors", xs)
@@ -136,7 +136,8 @@ def test_slot_file_round_trip(tmp_path):
 def test_cli_stream_matches_in_memory_and_refuses_what_needs_memory(tiny_model_factory, tmp_path, monkeypatch):
     """`frugal compress --stream` writes what the in-memory path writes; a job the pre-flight says cannot
     fit is refused in one line unless --force; --stream with another format is refused."""
-    from frugal import cli, preflight
+    import frugal.cli.main as cli
+    from frugal.compression import preflight
 
     model = tiny_model_factory("llama")
     args = ["compress", str(model), "--method", "rtn", "--bits", "4", "--group-size", "32", "--no-eval"]

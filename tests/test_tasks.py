@@ -1,4 +1,4 @@
-"""Zero-shot multiple choice (frugal.tasks): items built as lm-eval builds them, log-likelihoods equal to
+"""Zero-shot multiple choice (frugal.evaluation.tasks): items built as lm-eval builds them, log-likelihoods equal to
 a brute-force forward, acc / acc_norm as lm-eval computes them."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from conftest import TOKENIZER
-from frugal import tasks
+from frugal.evaluation import tasks
 from frugal.errors import FrugalError
-from frugal.tasks import Item
+from frugal.evaluation.tasks import Item
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def tiny(tiny_model_factory):
 
 
 def brute_force(model, tok, context: str, continuation: str, max_len: int | None = None) -> float:
-    """Sum of log p(continuation tokens | context): one full forward, written independently of frugal.tasks."""
+    """Sum of log p(continuation tokens | context): one full forward, written independently of frugal.evaluation.tasks."""
     if context.endswith(" "):
         n = len(context) - len(context.rstrip())
         context, continuation = context[:-n], context[-n:] + continuation

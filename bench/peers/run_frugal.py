@@ -16,7 +16,7 @@ import _util  # noqa: E402
 
 def run(r: _util.Run) -> None:
     import frugal
-    from frugal.load import load_model
+    from frugal.load.model import load_model
 
     a = r.args
     method = a.method or "gptq"

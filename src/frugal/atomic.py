@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from .errors import FrugalError
+from frugal.errors import FrugalError
 
 
 def check_output_dir(out: str | Path, overwrite: bool) -> Path:

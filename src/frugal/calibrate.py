@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from .errors import FrugalError
+from frugal.errors import FrugalError
 
 log = logging.getLogger(__name__)
 
 
 def default_text() -> Path:
     """The default calibration text: wikitext-2 valid.txt in the shared data folder."""
-    from .load import shared_dir
+    from frugal.load.model import shared_dir
 
     return shared_dir() / "data" / "wikitext-2" / "valid.txt"
 
@@ -96,3 +97,17 @@ def data_free(model, num_samples: int, seq_len: int, seed: int, batch: int = 16)
             ids = torch.cat([ids, nxt], dim=1)
         rows.append(ids)
     return torch.cat(rows)
+
+
+def for_recipe(calibration, loaded_tok, model, recipe: Any) -> tuple[torch.Tensor | None, dict]:
+    """Token ids (N, L) for the recipe, and a description for frugal.json."""
+    n, seq = recipe.calibration.num_samples, recipe.calibration.seq_len
+    if not recipe.needs_calibration:
+        return None, {"source": None}
+    if isinstance(calibration, torch.Tensor):
+        return calibration.long(), {"source": "tensor", "num_samples": calibration.shape[0], "seq_len": calibration.shape[1]}
+    if calibration is False or calibration == "data-free":
+        return data_free(model, n, seq, recipe.seed), {"source": "data-free", "num_samples": n, "seq_len": seq}
+    path = Path(calibration) if calibration is not None else default_text()
+    ids = from_text(loaded_tok, path, n, seq, recipe.seed)
+    return ids, {"source": path.name, "num_samples": n, "seq_len": seq}

@@ -16,7 +16,7 @@ import torch
 
 import frugal
 from frugal.errors import FrugalError
-from frugal.export.gguf import _permute_rows
+from frugal.exporters.gguf import _permute_rows
 
 WIDE = dict(hidden_size=256, intermediate_size=512)  # rows of 256: K-quants without fallback
 
@@ -147,7 +147,7 @@ def test_unsupported_architecture_is_refused_before_work(tiny_model_dir, tmp_pat
 
 def test_cli_export_and_refusals(tiny_model_dir, tmp_path):
     model_dir = tiny_model_dir("llama")
-    cli = [sys.executable, "-m", "frugal.cli"]
+    cli = [sys.executable, "-m", "frugal.cli.main"]
     run = lambda *a: subprocess.run([*cli, *a], capture_output=True, text=True)  # noqa: E731
     ct = tmp_path / "ct"
     r = run("compress", str(model_dir), "--method", "rtn", "--bits", "4", "--group-size", "32",

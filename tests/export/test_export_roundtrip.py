@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import frugal
-from frugal.api import load_compressed
+from frugal.exporters.reload import load_compressed
 from frugal.errors import FrugalError
-from frugal.export import FORMATS
-from frugal.export.gptq import read_gptq
+from frugal.exporters import FORMATS
+from frugal.exporters.gptq import read_gptq
 
 
 def same(a, b) -> bool:

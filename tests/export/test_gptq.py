@@ -18,11 +18,11 @@ from conftest import dir_digest
 import frugal
 from frugal.config import Recipe
 from frugal.errors import FrugalError
-from frugal.export.gptq import check, gptq_tensors, pack_codes, read_gptq, unpack_codes
+from frugal.exporters.gptq import check, gptq_tensors, pack_codes, read_gptq, unpack_codes
 from frugal.quant.grid import QuantizedWeight, qrange
 
 BITS = (2, 3, 4, 8)
-LOGGER = "frugal.export.gptq"
+LOGGER = "frugal.exporters.gptq"
 
 
 # -- reference packing, written as plainly as possible ---------------------------------------------

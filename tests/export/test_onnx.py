@@ -20,7 +20,7 @@ from frugal.errors import FrugalError
 pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
-from frugal.export.onnx_runtime import OrtCausalLM  # noqa: E402
+from frugal.exporters.onnx_runtime import OrtCausalLM  # noqa: E402
 
 # Tiny Qwen3 (q_norm/k_norm per head), shaped like conftest's other families.
 # ORT and torch sum in different orders; frugal's weights are reproduced exactly, so the logits
@@ -80,7 +80,7 @@ CASE = {c.id: c for c in CASES}
 @dataclass
 class Exported:
     case: Case
-    result: Any  # frugal.api.Compressed
+    result: Any  # frugal.compression.result.Compressed
     out: Path
     lm: OrtCausalLM
 
@@ -290,7 +290,7 @@ def _model(family: str, tmp_path: Path, **config: Any):
 ])
 def test_check_refuses_with_one_line(tmp_path, family, config, recipe, message):
     from frugal.config import Recipe
-    from frugal.export import check
+    from frugal.exporters import check
 
     model = _model(family, tmp_path, **config)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -303,7 +303,7 @@ def test_check_refuses_with_one_line(tmp_path, family, config, recipe, message):
 
 def test_check_accepts_supported_families(tmp_path):
     from frugal.config import Recipe
-    from frugal.export import check
+    from frugal.exporters import check
 
     for family in ("llama", "mistral", "qwen2", "qwen3", "gemma3"):
         check("onnx", _model(family, tmp_path), Recipe.from_dict({"weights": w(4, -1)}))

@@ -11,7 +11,7 @@ import torch
 
 from frugal.config import ClipSearch, WeightScheme
 from frugal.errors import FrugalError
-from frugal.load import cache_dir
+from frugal.load.model import cache_dir
 from frugal.quant.grid import QuantizedWeight, qrange, quantize_codes
 from frugal.quant.hqq import HQQOptions, _fit_scale_zero, half_quadratic, hqq_quantize
 from frugal.quant.rtn import rtn_quantize
@@ -151,7 +151,7 @@ def _default_model_weights() -> Path | None:
     """The float32 copy of the default model in the user's frugal cache, if it was made already."""
     import hashlib
 
-    from frugal.load import default_model_path
+    from frugal.load.model import default_model_path
 
     try:
         gguf = default_model_path()

@@ -11,7 +11,7 @@ from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32,
 from compressed_tensors.quantization import QuantizationScheme
 
 from frugal.config import WeightScheme
-from frugal.export.compressed_tensors import compressed_state_dict, quantization_config
+from frugal.exporters.compressed_tensors import compressed_state_dict, quantization_config
 from frugal.quant.grid import QuantizedWeight, qrange
 from frugal.quant.rtn import rtn_quantize
 

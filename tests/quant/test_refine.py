@@ -23,8 +23,8 @@ def block_data():
     float outputs."""
     import transformers
 
-    from frugal.blocks import find_blocks
-    from frugal.engine import capture_block_inputs, run_block
+    from frugal.load.blocks import find_blocks
+    from frugal.compression.hooks import capture_block_inputs, run_block
 
     cls_name, kwargs = FAMILIES["llama"]
     torch.manual_seed(0)
@@ -41,7 +41,7 @@ def block_data():
 
 def first_quantizer(block_data, method: str, bits: int = 3, scale_dtype: str = "model"):
     """(quantized copy of the block, {name inside the block: QuantizedWeight}, {name: float weight})."""
-    from frugal.engine import quantize_block
+    from frugal.compression.engine import quantize_block
 
     block, xs, args, kw, _ = block_data
     block = copy.deepcopy(block)
@@ -124,7 +124,7 @@ def test_start_is_the_first_quantizer_bit_for_bit(block_data, method):
 def test_never_worse_than_an_optimal_start(block_data):
     """Weights already on the grid and targets computed with them: the start's error is 0, and the start
     comes back unchanged (the very same objects)."""
-    from frugal.engine import run_block
+    from frugal.compression.hooks import run_block
 
     block, start, floats = first_quantizer(block_data, "rtn")  # the block now holds the dequantized grid
     _, xs, args, kw, _ = block_data

@@ -20,9 +20,9 @@ from typing import Callable
 
 import torch
 
-from ..config import WeightScheme
-from .grid import _params_from_range, fake_quantize, group_size_of
-from .rtn import rtn_quantize
+from frugal.quant.options import WeightScheme
+from frugal.quant.grid import _params_from_range, fake_quantize, group_size_of
+from frugal.quant.rtn import rtn_quantize
 
 Quantizer = Callable[[torch.Tensor], torch.Tensor]  # (out, in) weight -> its dequantized grid values
 

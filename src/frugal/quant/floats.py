@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import FrugalError
+from frugal.errors import FrugalError
 
 # Magnitudes of the E2M1 codes 0..7 (the sign is bit 3). The last code bit is the mantissa bit, so
 # "ties to even" means "ties to the even code index".

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..errors import FrugalError
+from frugal.errors import FrugalError
 
 if TYPE_CHECKING:
     import numpy as np

@@ -14,8 +14,8 @@ Mixture-of-experts, Falcon and 70B special cases, and the 2/3-bit and IQ mixture
 
 from __future__ import annotations
 
-from ..errors import FrugalError
-from .ggml import TYPES
+from frugal.errors import FrugalError
+from frugal.quant.ggml import TYPES
 
 # file type -> (default tensor type, value of general.file_type (llama_ftype))
 FILE_TYPES: dict[str, tuple[str, int]] = {

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import ClipSearch, GPTQOptions, WeightScheme
-from ..errors import FrugalError
-from .grid import QuantizedWeight, grid_for, group_params, group_size_of, pack_result, quantize_codes
+from frugal.quant.options import ClipSearch, GPTQOptions, WeightScheme
+from frugal.errors import FrugalError
+from frugal.quant.grid import QuantizedWeight, grid_for, group_params, group_size_of, pack_result, quantize_codes
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ def gptq_ggml(w: torch.Tensor, h: torch.Tensor, type_name: str, opts: GPTQOption
     """GPTQ onto a GGML block grid (Q4_K, Q4_0, ...): the grid is fixed up front from the original
     weights (range search weighted by (|w| + rms) x diag H), then every column is rounded onto it with error
     feedback. Returns a GGMLWeight whose codes the GGUF file stores exactly."""
-    from .ggml import TYPES, GGMLWeight, codes_on, make_grid, values_on
+    from frugal.quant.ggml import TYPES, GGMLWeight, codes_on, make_grid, values_on
 
     t = TYPES[type_name]
     w, h = _without_dead_inputs(w, h)

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import ClipSearch, WeightScheme
-from ..errors import FrugalError
+from frugal.quant.options import ClipSearch, WeightScheme
+from frugal.errors import FrugalError
 
 
 def qrange(bits: int) -> tuple[int, int]:

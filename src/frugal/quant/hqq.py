@@ -22,9 +22,9 @@ from collections.abc import Callable
 
 import torch
 
-from ..config import HQQOptions, WeightScheme
-from ..errors import FrugalError
-from .grid import QuantizedWeight, group_params, group_size_of, pack_result, qrange, quantize_codes
+from frugal.quant.options import HQQOptions, WeightScheme
+from frugal.errors import FrugalError
+from frugal.quant.grid import QuantizedWeight, group_params, group_size_of, pack_result, qrange, quantize_codes
 
 _TINY = 1e-30  # |err| floor before |err|^(p-1), so an exact zero error shrinks to 0, not NaN
 _RTOL = 1e-3  # a group leaves the solver once its l_p error drops by less than this fraction

@@ -35,8 +35,8 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..config import RefineOptions
-from .grid import QuantizedWeight, qrange
+from frugal.quant.options import RefineOptions
+from frugal.quant.grid import QuantizedWeight, qrange
 
 log = logging.getLogger(__name__)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..config import ClipSearch, WeightScheme
-from .grid import QuantizedWeight, grid_for, group_size_of, pack_result, quantize_codes
+from frugal.quant.options import ClipSearch, WeightScheme
+from frugal.quant.grid import QuantizedWeight, grid_for, group_size_of, pack_result, quantize_codes
 
 
 def rtn_quantize(

@@ -1,0 +1,241 @@
+"""Block-sequential compression: the glue between a transformers model and the pure algorithms.
+
+1. Capture what the first decoder block receives for every calibration sample (hidden states plus
+   whatever positional and keyword arguments the architecture passes), and the keyword arguments of
+   every block (masks or rotary embeddings may differ per block, e.g. sliding-window layers).
+2. For each block: hook its linear layers to accumulate Hessians, quantize them, re-run the block
+   with the quantized weights, and feed those outputs to the next block.
+Only one block's inputs and outputs are held beyond the model itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from frugal.compression import methods, transforms
+from frugal.compression.result import LayerReport
+from frugal.compression.hooks import HessianHooks, capture_block_inputs, run_block
+from frugal.compression.transforms import BlockContext, Place
+from frugal.load.blocks import block_linears, find_blocks, outside_linears
+from frugal.config import Recipe
+from frugal.errors import FrugalError
+from frugal.quant.error import rel_errors
+from frugal.quant.gptq import Hessian
+from frugal.quant.grid import QuantizedWeight
+
+log = logging.getLogger(__name__)
+
+
+def _quantize_weight(name: str, w: torch.Tensor, recipe: Recipe, h: torch.Tensor | None, ggml: str | None):
+    """The registered method's rounding of one (out, in) weight: onto the GGML type `ggml` when the recipe
+    targets GGUF, else onto the layer's integer scheme."""
+    method = methods.get(recipe.method)
+    if ggml is not None:
+        return method.quantize_ggml(w, h, ggml, recipe, name)
+    scheme = recipe.scheme_for(name)
+    return method.quantize(w, h, scheme, recipe, scheme.torch_scale_dtype(w.dtype), name)
+
+
+def quantize_layer(name: str, lin: nn.Module, recipe: Recipe, h: torch.Tensor | None,
+                   ggml: str | None = None) -> tuple[QuantizedWeight, LayerReport]:
+    """Quantize one linear layer in place (its weight becomes the dequantized grid values); `ggml`
+    names the GGML type to round onto when the recipe targets a GGUF file type."""
+    t0 = time.perf_counter()
+    w = lin.weight.data
+    if not torch.isfinite(w).all():
+        raise FrugalError(f"{name}: weight has NaN or Inf values")
+    res = _quantize_weight(name, w, recipe, h, ggml)
+    qw = res.weight
+    w_hat = qw.dequantize(w.dtype)
+    w_err, out_err = rel_errors(w, w_hat, h)
+    report = LayerReport(
+        bits=qw.bits, group_size=qw.group_size, symmetric=qw.zero_point is None,
+        weight_rel_error=w_err, output_rel_error=out_err, gptq_loss=res.loss, damp=res.damp, ggml_type=ggml,
+    )
+    lin.weight.data = w_hat
+    report.seconds = time.perf_counter() - t0
+    return qw, report
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _run_steps(ctx: BlockContext, place: Place) -> None:
+    for step in transforms.steps_at(ctx.recipe, place):
+        step(ctx)
+
+
+@torch.no_grad()
+def block_hessians(layers: dict[str, nn.Linear], block: nn.Module, hidden, args: tuple, kw: dict,
+                   where: str) -> dict[str, torch.Tensor]:
+    """H = 2/n X^T X of each layer's inputs over the block's calibration inputs (shared where the input is)."""
+    with HessianHooks(layers) as hooks:
+        for x in hidden:
+            run_block(block, x, args, kw)
+            hooks.end_sample()
+    hessians = {name: hooks.hessians[name].matrix() for name in layers}
+    _check_inputs_finite(hessians, where)
+    return hessians
+
+
+@torch.no_grad()
+def quantize_block(block: nn.Module, prefix: str, recipe: Recipe, hidden: list[torch.Tensor] | None, args: tuple,
+                   kw: dict, ggml_types: dict[str, str],
+                   targets: list[torch.Tensor] | None = None) -> tuple[dict, dict, list[torch.Tensor] | None]:
+    """Quantize one decoder block in place: (quantized weights, layer reports, the block's outputs on
+    `hidden` with its quantized weights). `hidden` is None for recipes that need no calibration data.
+    The enabled transforms' steps run at their places (transforms.Place); `targets` are the float
+    model's outputs of this block where the engine carries them (refinement), else None."""
+    if hidden is None:
+        for t in transforms.enabled(recipe):
+            if t.needs_calibration:
+                raise FrugalError(f"{prefix}: recipe.{t.name} needs calibration inputs, but none were given")
+    ctx = BlockContext(block, prefix, recipe, hidden, args, kw, targets)
+    _run_steps(ctx, Place.BLOCK_START)
+    _run_steps(ctx, Place.BEFORE_QUANTIZE)
+    ctx.layers = block_linears(block, prefix, recipe.ignore)
+    if hidden is not None and methods.get(recipe.method).needs_hessian:
+        ctx.hessians = block_hessians(ctx.layers, block, hidden, args, kw, prefix)
+    ctx.float_weights = {name: lin.weight.data for name, lin in ctx.layers.items()}  # quantize_layer rebinds .data
+    for name, lin in ctx.layers.items():
+        ctx.quantized[name], ctx.reports[name] = quantize_layer(name, lin, recipe, ctx.hessians.get(name),
+                                                                ggml_types.get(name))
+    _run_steps(ctx, Place.AFTER_QUANTIZE)
+    if hidden is None:
+        return ctx.quantized, ctx.reports, None
+    out = [run_block(block, x, args, kw) for x in hidden]
+    _check_finite(out, prefix)
+    return ctx.quantized, ctx.reports, out
+
+
+@torch.no_grad()
+def _calibrated_blocks(model, blocks_name, blocks, recipe, samples, quantized, reports, ggml_types) -> None:
+    """Every block from the calibration inputs; where a transform needs float targets (refinement), the
+    float model's hidden states are carried beside the quantized model's, and each block's float outputs
+    are its targets."""
+    inputs = capture_block_inputs(model, blocks, samples)
+    float_hidden = inputs.hidden if transforms.float_targets(recipe) else None  # the float model's input to block i
+    for i, block in enumerate(tqdm(blocks, desc=recipe.method, unit="block")):
+        kw = inputs.kwargs_per_block[i]
+        targets = None if float_hidden is None else [run_block(block, x, inputs.args, kw) for x in float_hidden]
+        q, r, inputs.hidden = quantize_block(block, f"{blocks_name}.{i}", recipe, inputs.hidden, inputs.args, kw,
+                                             ggml_types, targets)
+        float_hidden = targets
+        quantized.update(q)
+        reports.update(r)
+
+
+def _check_inputs_finite(hessians: dict[str, torch.Tensor], where: str) -> None:
+    """Refuse a layer whose calibration inputs held NaN or Inf (the float model overflowed before it)."""
+    for name, h in hessians.items():
+        if not torch.isfinite(h).all():
+            raise FrugalError(f"{name}: NaN or Inf in its input activations (the float model overflows in "
+                              f"{where} on the calibration data)")
+
+
+def _check_finite(hidden: list[torch.Tensor], where: str) -> None:
+    if not all(torch.isfinite(h).all() for h in hidden):
+        raise FrugalError(f"{where}: block output has NaN or Inf after quantization")
+
+
+@torch.no_grad()
+def _untie(model: nn.Module, name: str, lin: nn.Linear) -> None:
+    """Give a tied output head its own weight before quantizing it, so the embedding stays float."""
+    emb = model.get_input_embeddings()
+    if emb is not None and emb.weight is lin.weight:
+        lin.weight = nn.Parameter(lin.weight.detach().clone(), requires_grad=False)
+        model.config.tie_word_embeddings = False
+        if hasattr(model.config, "get_text_config"):
+            model.config.get_text_config().tie_word_embeddings = False
+        log.info("%s: untied from the input embedding to quantize it", name)
+
+
+@torch.no_grad()
+def quantize_outside(model, layers, recipe, samples, quantized, reports, ggml_types) -> None:
+    """Quantize linear layers outside the blocks (e.g. lm_head) with inputs from the quantized model."""
+    hessians: dict[str, Hessian] = {}
+    if methods.get(recipe.method).needs_hessian:
+        with HessianHooks(layers) as hooks:
+            for i in tqdm(range(samples.shape[0]), desc="outside-block layers", unit="sample"):
+                model(samples[i : i + 1], use_cache=False)
+                hooks.end_sample()
+        hessians = hooks.hessians
+        _check_inputs_finite({n: h.matrix() for n, h in hessians.items()}, "the layers outside the blocks")
+    for name, lin in layers.items():
+        _untie(model, name, lin)
+        h = hessians[name].matrix() if name in hessians else None
+        quantized[name], reports[name] = quantize_layer(name, lin, recipe, h, ggml_types.get(name))
+
+
+@torch.no_grad()
+def compress_model(
+    model: nn.Module, recipe: Recipe, samples: torch.Tensor | None
+) -> tuple[dict[str, QuantizedWeight], dict[str, LayerReport]]:
+    """Quantize `model` in place following `recipe` (checked by compression.plan.check_plan); `samples` are
+    (n, seq) calibration token ids. MODEL-place transforms have already run (frugal.compress)."""
+    blocks_name, blocks = find_blocks(model)
+    quantized: dict[str, QuantizedWeight] = {}
+    reports: dict[str, LayerReport] = {}
+    ggml_types = gguf_layer_types(model, recipe) if recipe.gguf_type else {}
+    if recipe.needs_calibration:  # Hessians, activation statistics or float targets need each block's inputs
+        if samples is None:
+            raise FrugalError(f"recipe ({recipe.describe()}) needs calibration samples, but none were given")
+        samples = samples.to(_device_of(model))
+        _calibrated_blocks(model, blocks_name, blocks, recipe, samples, quantized, reports, ggml_types)
+    else:
+        for i, block in enumerate(tqdm(blocks, desc=recipe.method, unit="block")):
+            q, r, _ = quantize_block(block, f"{blocks_name}.{i}", recipe, None, (), {}, ggml_types)
+            quantized.update(q)
+            reports.update(r)
+    outside = outside_linears(model, blocks_name, recipe.ignore)
+    if outside:
+        quantize_outside(model, outside, recipe, samples, quantized, reports, ggml_types)
+    if recipe.gguf_type:
+        _gguf_rest(model, recipe, quantized, reports, ggml_types)
+    return quantized, reports
+
+
+def _embedding_and_head(model: nn.Module) -> dict[str, nn.Module]:
+    """The token embedding and (if not tied to it) the output head, by module name."""
+    names = {id(m): n for n, m in model.named_modules()}
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    out = {names[id(emb)]: emb}
+    if head is not None and head.weight is not emb.weight:
+        out[names[id(head)]] = head
+    return out
+
+
+def gguf_layer_types(model: nn.Module, recipe: Recipe) -> dict[str, str]:
+    """GGML type per quantizable linear and per embedding/head, by llama.cpp's rules for the file type."""
+    from frugal.load.blocks import quantizable_linears
+    from frugal.quant.ggml_policy import layer_type
+
+    n_layers = len(find_blocks(model)[1])
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is not None and head.weight is emb.weight
+    mods = {**quantizable_linears(model, recipe.ignore), **_embedding_and_head(model)}
+    types = {n: recipe.ggml_override(n) or layer_type(recipe.gguf_type, n, n_layers, tied, m.weight.shape[1])
+             for n, m in mods.items()}
+    from frugal.quant.ggml import TYPES
+
+    for n, t in types.items():
+        if mods[n].weight.shape[1] % TYPES[t].block:
+            raise FrugalError(f"{n}: {t} needs rows that are a multiple of {TYPES[t].block}; this layer has "
+                              f"{mods[n].weight.shape[1]}")
+    return types
+
+
+@torch.no_grad()
+def _gguf_rest(model, recipe, quantized, reports, ggml_types) -> None:
+    """Round the embedding (and an untied head left in float) onto their GGML types, as llama.cpp
+    does, so that the model frugal evaluates is the model the GGUF file holds."""
+    for name, mod in _embedding_and_head(model).items():
+        if name not in quantized:
+            quantized[name], reports[name] = quantize_layer(name, mod, recipe, None, ggml_types[name])

@@ -1,0 +1,144 @@
+"""Hooks and calls on decoder blocks, shared by the engines, the analysis and the evaluation.
+
+`capture_block_inputs` records what every block receives (hidden states, positional and keyword
+arguments) without tracing; `InputHooks` accumulates statistics of the inputs of a block's linear
+layers (GPTQ Hessians, AWQ activation statistics), sharing one accumulator between layers fed the very
+same tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from frugal.quant.gptq import Hessian
+
+
+class Stop(Exception):
+    """Raised by a hook to end a forward pass early."""
+
+
+@dataclass
+class BlockInputs:
+    """Inputs of the current block: hidden states per sample and the call's other arguments."""
+
+    hidden: list[torch.Tensor]  # each (1, seq, hidden)
+    args: tuple  # positional arguments after the hidden states
+    kwargs_per_block: list[dict[str, Any]] = field(default_factory=list)
+
+
+def detach(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach()
+    if isinstance(obj, tuple):
+        return tuple(detach(o) for o in obj)
+    if isinstance(obj, list):
+        return [detach(o) for o in obj]
+    if isinstance(obj, dict):
+        return {k: detach(v) for k, v in obj.items()}
+    return obj
+
+
+def split_hidden(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]:
+    """Separate the hidden states from a block call's other arguments."""
+    if args:
+        return args[0], tuple(args[1:]), dict(kwargs)
+    kwargs = dict(kwargs)
+    return kwargs.pop("hidden_states"), (), kwargs
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, samples: torch.Tensor) -> BlockInputs:
+    """Run the model on (n, seq) token ids far enough to record every block's call arguments."""
+    calls: list[dict] = [{} for _ in blocks]
+    first: dict[str, Any] = {}
+
+    def probe(i: int):
+        def hook(_mod, args, kwargs):
+            hidden, rest, kw = split_hidden(args, kwargs)
+            calls[i] = detach(kw)
+            if i == 0:
+                first["hidden"], first["args"] = hidden.detach().clone(), detach(rest)
+        return hook
+
+    handles = [b.register_forward_pre_hook(probe(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    try:
+        model(samples[:1], use_cache=False)  # one full pass records every block's kwargs
+    finally:
+        for h in handles:
+            h.remove()
+    hidden = [first["hidden"]]
+
+    def stop_at_first(_mod, args, kwargs):
+        hidden.append(split_hidden(args, kwargs)[0].detach().clone())
+        raise Stop
+
+    handle = blocks[0].register_forward_pre_hook(stop_at_first, with_kwargs=True)
+    try:
+        for i in range(1, samples.shape[0]):
+            try:
+                model(samples[i : i + 1], use_cache=False)
+            except Stop:
+                pass
+    finally:
+        handle.remove()
+    return BlockInputs(hidden=hidden, args=first["args"], kwargs_per_block=calls)
+
+
+def run_block(block: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+    out = block(hidden, *args, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class InputHooks:
+    """Accumulate something about each linear layer's inputs (`new(x)` makes an accumulator, `add(acc, x)`
+    feeds it); layers fed the very same tensor (q/k/v, gate/up) share one accumulator."""
+
+    def __init__(self, layers: dict[str, nn.Linear], new: Callable, add: Callable):
+        self.layers, self._new, self._add = layers, new, add
+        self.acc: dict[str, Any] = {}
+        self._owner: dict[str, str] = {}  # layer -> layer whose accumulator it shares
+        self._seen: dict[int, tuple[str, torch.Tensor]] = {}
+        self._handles = []
+
+    def _hook(self, name: str):
+        def hook(_mod, args):
+            x = args[0]
+            if name not in self._owner:  # first call decides sharing
+                seen = self._seen.get(id(x))
+                if seen is not None and seen[1] is x:
+                    self._owner[name] = seen[0]
+                    self.acc[name] = self.acc[seen[0]]
+                    return
+                self._owner[name] = name
+                self._seen[id(x)] = (name, x)
+                self.acc[name] = self._new(x)
+            if self._owner[name] == name:
+                self._add(self.acc[name], x)
+        return hook
+
+    def __enter__(self) -> "InputHooks":
+        self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in self.layers.items()]
+        return self
+
+    def end_sample(self) -> None:
+        self._seen.clear()
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._seen.clear()
+
+
+class HessianHooks(InputHooks):
+    """Accumulate the Hessian of each linear layer's inputs (shared by layers fed the same tensor)."""
+
+    def __init__(self, layers: dict[str, nn.Linear]):
+        super().__init__(layers, lambda x: Hessian(x.shape[-1], device=x.device), lambda h, x: h.add(x))
+
+    @property
+    def hessians(self) -> dict[str, Hessian]:
+        return self.acc

@@ -1,0 +1,206 @@
+"""AWQ glue: which operation feeds which linear layers in each family, folding the scales, and
+running the search (`frugal.quant.awq`) on one decoder block.
+
+A scaling pair is (preceding op -> linear layers that read its output and nothing else does). Its
+scales s multiply the linears' input columns and divide the op's output channels, so the float model
+computes exactly the same function:
+- a norm: RMSNorm weight w <- w / s, or (1 + w) / s - 1 for norms computing x * (1 + w) (Gemma); a
+  LayerNorm's bias is divided as well;
+- a linear layer: its output rows (and bias) are divided by s. This is exact when what lies between
+  is linear in that output (attention's value path; act(gate) * up) or positively homogeneous (ReLU).
+Norms applied to a sublayer's output (Gemma 3's post_*_layernorm) feed the residual and are no targets.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
+
+import torch
+import torch.nn as nn
+
+from frugal.compression.hooks import InputHooks, run_block
+from frugal.compression.transforms import BlockContext, Place, Transform
+from frugal.load.blocks import block_linears
+from frugal.errors import FrugalError
+from frugal.quant.awq import ActivationStats, ScaleSearch, clip_weight, rtn_quantizer, search_clip, search_scales
+
+if TYPE_CHECKING:
+    from frugal.config import Recipe
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ScalePair:
+    prev: str  # module name inside the block: a norm or a linear layer
+    linears: tuple[str, ...]  # the linear layers fed by prev's output
+    requires: tuple[tuple[str, Any], ...] = ()  # config (attribute, value) pairs under which it is exact
+
+
+@dataclass(frozen=True)
+class Family:
+    pairs: tuple[ScalePair, ...]
+    norm_offset: float = 0.0  # norms compute x_hat * (norm_offset + w)
+    # Layers left out of the clip search: the output error of q and k says little about the error
+    # after the q.k product and softmax (the reference AWQ code skips them for the same reason).
+    no_clip: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj")
+
+
+_ATTN = ScalePair("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))
+_VO = ScalePair("self_attn.v_proj", ("self_attn.o_proj",))
+_UD = ScalePair("mlp.up_proj", ("mlp.down_proj",))
+_LLAMA = Family((_ATTN, _VO, ScalePair("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")), _UD))
+_PRE_LN = (("do_layer_norm_before", True),)  # OPT-350m normalises after the residual: no norm pairs
+
+FAMILIES: dict[str, Family] = {
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "qwen3": _LLAMA,
+    "gemma3_text": Family((_ATTN, _VO, ScalePair("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")), _UD),
+                          norm_offset=1.0),
+    "phi3": Family((ScalePair("input_layernorm", ("self_attn.qkv_proj",)),
+                    ScalePair("post_attention_layernorm", ("mlp.gate_up_proj",))), no_clip=("self_attn.qkv_proj",)),
+    "opt": Family((ScalePair("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                             _PRE_LN),
+                   ScalePair("self_attn.v_proj", ("self_attn.out_proj",)),
+                   ScalePair("final_layer_norm", ("fc1",), _PRE_LN),
+                   ScalePair("fc1", ("fc2",), (("activation_function", "relu"),)))),
+}
+
+
+def _family(model_type: str | None, where: str) -> Family:
+    if model_type not in FAMILIES:
+        raise FrugalError(f"{where}: AWQ does not know the model family {model_type!r} "
+                          f"(known: {', '.join(sorted(FAMILIES))})")
+    return FAMILIES[model_type]
+
+
+def check(model: nn.Module) -> None:
+    """Refuse, before any work, a model whose family has no AWQ table."""
+    cfg = model.config
+    _family(getattr(cfg, "model_type", None), type(model).__name__)
+
+
+def block_config(block: nn.Module, where: str) -> Any:
+    """The transformers config a decoder block's modules carry (its attention keeps one)."""
+    cfg = next((m.config for m in block.modules() if hasattr(getattr(m, "config", None), "model_type")), None)
+    if cfg is None:
+        raise FrugalError(f"{where}: AWQ cannot tell the model family of this block (no config on its modules)")
+    return cfg
+
+
+def scale_pairs(block: nn.Module, cfg: Any, where: str) -> list[ScalePair]:
+    """The family's pairs that exist in this block and are exact for its config and widths."""
+    pairs = []
+    for pair in _family(cfg.model_type, where).pairs:
+        if any(getattr(cfg, k, None) != v for k, v in pair.requires):
+            continue
+        prev = block.get_submodule(pair.prev)
+        if getattr(prev, "weight", None) is None:  # a norm without learned weights has nothing to fold into
+            log.info("%s: %s has no weight; its pair is skipped", where, pair.prev)
+            continue
+        width = prev.out_features if isinstance(prev, nn.Linear) else prev.weight.shape[0]
+        if any(block.get_submodule(n).in_features != width for n in pair.linears):
+            log.debug("%s: %s -> %s skipped (widths differ, e.g. grouped-query attention)", where, pair.prev,
+                     ", ".join(pair.linears))
+            continue
+        pairs.append(pair)
+    return pairs
+
+
+@torch.no_grad()
+def fold_scales(prev: nn.Module, linears: list[nn.Linear], s: torch.Tensor, norm_offset: float = 0.0) -> None:
+    """W <- W diag(s) for `linears` and prev's output channels divided by s: the same function."""
+    s = s.float()
+    for lin in linears:
+        lin.weight.data = (lin.weight.float() * s[None, :]).to(lin.weight.dtype)  # (out, in)
+    if isinstance(prev, nn.Linear):
+        prev.weight.data = (prev.weight.float() / s[:, None]).to(prev.weight.dtype)  # (out, in)
+    else:
+        prev.weight.data = ((norm_offset + prev.weight.float()) / s - norm_offset).to(prev.weight.dtype)
+    if getattr(prev, "bias", None) is not None:
+        prev.bias.data = (prev.bias.float() / s).to(prev.bias.dtype)
+
+
+class StatsHooks:
+    """Activation statistics of each hooked linear's input; layers fed the very same tensor share one
+    (hooks.InputHooks)."""
+
+    def __init__(self, layers: dict[str, nn.Linear], tokens_per_sample: int):
+        self.layers, self.tokens = layers, tokens_per_sample
+
+    def collect(self, block: nn.Module, hidden: Iterable[torch.Tensor], args: tuple,
+                kw: dict) -> dict[str, ActivationStats]:
+        with InputHooks(self.layers, lambda x: ActivationStats(x.shape[-1], x.device),
+                        lambda st, x: st.add(x, self.tokens)) as hooks:
+            for x in hidden:
+                run_block(block, x, args, kw)
+                hooks.end_sample()
+        return hooks.acc
+
+
+def _search_pair(block: nn.Module, prefix: str, pair: ScalePair, family: Family, stats: dict[str, ActivationStats],
+                 recipe: Recipe, quantized: set[str]) -> ScaleSearch | None:
+    """Search one pair's scales on the current weights, fold them, and rescale the inputs' statistics."""
+    names = [n for n in pair.linears if n in quantized]
+    if not names:  # every consumer stays float: nothing to protect
+        return None
+    ws = [block.get_submodule(n).weight for n in names]
+    schemes = [recipe.scheme_for(f"{prefix}.{n}") for n in names]
+    qs = [rtn_quantizer(sc, sc.torch_scale_dtype(w.dtype)) for sc, w in zip(schemes, ws)]
+    st = stats[names[0]]
+    res = search_scales(ws, qs, st.mean_abs(), st.gram(), recipe.awq.grid)
+    fold_scales(block.get_submodule(pair.prev), [block.get_submodule(n) for n in pair.linears], res.scales,
+                family.norm_offset)
+    for shared in {id(stats[n]): stats[n] for n in pair.linears}.values():  # each distinct input once
+        shared.rescale(res.scales)
+    log.debug("%s: %s alpha=%.2f output error %.4g -> %.4g", prefix, pair.prev, res.alpha, res.loss_identity, res.loss)
+    return res
+
+
+def _clip_layer(name: str, lin: nn.Linear, stats: ActivationStats, recipe: Recipe) -> None:
+    """Clamp the weight to the per-group ranges that minimise its output error on the block's inputs."""
+    scheme = recipe.scheme_for(name)
+    w = lin.weight.data
+    lo, hi = search_clip(w, stats.gram(), scheme, scheme.torch_scale_dtype(w.dtype), recipe.awq.grid,
+                         recipe.awq.max_shrink)
+    lin.weight.data = clip_weight(w, lo, hi)
+
+
+@torch.no_grad()
+def apply_awq(block: nn.Module, prefix: str, recipe: Recipe, hidden: Sequence[torch.Tensor], args: tuple,
+              kw: dict) -> dict[str, ScaleSearch]:
+    """AWQ on one block in place: scales searched and folded pair by pair, then (with recipe.awq.clip)
+    weights clamped to the searched ranges. Returns each scaled pair's search, by preceding op."""
+    opts = recipe.awq
+    cfg = block_config(block, prefix)
+    family = _family(cfg.model_type, prefix)
+    pairs = scale_pairs(block, cfg, prefix)
+    quantized = {n[len(prefix) + 1:] for n in block_linears(block, prefix, recipe.ignore)}
+    consumers = {n for p in pairs for n in p.linears}
+    hooked = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear) and (n in quantized or n in consumers)}
+    n = min(len(hidden), opts.max_samples)
+    samples = (hidden[i] for i in range(n))  # lazily: `hidden` may be a sequence read from disk
+    stats = StatsHooks(hooked, math.ceil(opts.max_tokens / n)).collect(block, samples, args, kw)
+    searches = {}
+    for pair in pairs:
+        res = _search_pair(block, prefix, pair, family, stats, recipe, quantized)
+        if res is not None:
+            searches[pair.prev] = res
+    if opts.clip:
+        for n in sorted(quantized - set(family.no_clip)):
+            _clip_layer(f"{prefix}.{n}", block.get_submodule(n), stats[n], recipe)
+    return searches
+
+
+def _before_quantize(ctx: BlockContext) -> None:
+    apply_awq(ctx.block, ctx.prefix, ctx.recipe, ctx.hidden, ctx.args, ctx.kw)
+
+
+TRANSFORM = Transform(name="awq", summary="activation-aware scales (and clip search) folded into the preceding op",
+                      enabled=lambda recipe: recipe.awq.enabled, steps={Place.BEFORE_QUANTIZE: _before_quantize},
+                      check=lambda model, recipe: check(model), ggml="AWQ searches integer grids only")

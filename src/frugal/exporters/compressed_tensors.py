@@ -1,0 +1,87 @@
+"""compressed-tensors `pack-quantized`: what vLLM and transformers (with compressed-tensors) load.
+
+Per quantized linear layer the file holds
+    weight_packed       int32 (out, ceil(in * bits / 32))  codes + 2^(bits-1), packed densely
+    weight_scale        (out, in / group) or (out, 1) per channel, in the model's dtype
+    weight_zero_point   int32 (ceil(out * bits / 32), n_groups), asymmetric grids only
+    weight_shape        int64 (2,)
+The packing itself is the compressed-tensors library's, so the writer and its loaders cannot drift.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from frugal.quant.grid import QuantizedWeight
+
+
+def scheme_args(qw: QuantizedWeight) -> dict[str, Any]:
+    """compressed-tensors QuantizationArgs of one quantized weight."""
+    return {
+        "num_bits": qw.bits,
+        "type": "int",
+        "symmetric": qw.zero_point is None,
+        "strategy": "channel" if qw.group_size == -1 else "group",
+        "group_size": None if qw.group_size == -1 else qw.group_size,
+        "dynamic": False,
+        "observer": "minmax",
+    }
+
+
+def quantization_config(quantized: dict[str, QuantizedWeight], all_linears: list[str]) -> dict[str, Any]:
+    """config.json `quantization_config`: one config group per distinct scheme, by layer name."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+
+    groups: dict[str, list[str]] = {}
+    args_of: dict[str, dict] = {}
+    for name, qw in quantized.items():
+        a = scheme_args(qw)
+        key = repr(sorted(a.items()))
+        groups.setdefault(key, []).append(name)
+        args_of[key] = a
+    single = len(groups) == 1
+    config_groups = {}
+    for i, (key, names) in enumerate(groups.items()):
+        targets = ["Linear"] if single else [f"re:^{n.replace('.', '[.]')}$" for n in names]
+        config_groups[f"group_{i}"] = QuantizationScheme(targets=targets, weights=QuantizationArgs(**args_of[key]))
+    ignore = [n for n in all_linears if n not in quantized]
+    qc = QuantizationConfig(config_groups=config_groups, format="pack-quantized",
+                            quantization_status="compressed", ignore=ignore)
+    d = qc.model_dump(exclude_none=False)
+    d["quant_method"] = "compressed-tensors"
+    if any(qw.zero_point is not None for qw in quantized.values()):
+        # transformers 5.x with compressed-tensors 0.20 cannot load packed zero points on its default
+        # (compressed) route; its dequantize-at-load route can. See docs/formats.md.
+        d["dequantize"] = True
+    return d
+
+
+def compressed_state_dict(model: torch.nn.Module, quantized: dict[str, QuantizedWeight]) -> dict[str, torch.Tensor]:
+    """The model's state dict with each quantized `weight` replaced by its packed form."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    sd = dict(model.state_dict())
+    for name, qw in quantized.items():
+        del sd[f"{name}.weight"]
+        sd[f"{name}.weight_packed"] = pack_to_int32(qw.q, qw.bits)
+        sd[f"{name}.weight_scale"] = qw.scale
+        sd[f"{name}.weight_shape"] = torch.tensor(list(qw.q.shape), dtype=torch.int64)
+        if qw.zero_point is not None:
+            sd[f"{name}.weight_zero_point"] = pack_to_int32(qw.zero_point, qw.bits, packed_dim=0)
+    return sd
+
+
+def write(compressed: Any, directory: Any) -> None:
+    """Write a `frugal.compression.result.Compressed` into an (empty, temporary) directory."""
+    import json
+
+    from frugal.exporters.hf import write_checkpoint
+
+    model = compressed.model
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    qc = quantization_config(compressed.quantized, linears)
+    write_checkpoint(model, compressed.tokenizer, directory, compressed_state_dict(model, compressed.quantized), qc)
+    report = json.dumps(compressed.report.to_dict(), indent=2, sort_keys=True) + "\n"
+    (directory / "frugal.json").write_text(report)

@@ -1,0 +1,76 @@
+"""Finding the decoder blocks and their linear layers, generically (no per-model scripts, no tracing).
+
+The block list is the longest `nn.ModuleList` whose children share one class and hold linear layers
+(`model.layers` in Llama/Qwen/Gemma/Phi, `model.decoder.layers` in OPT, `transformer.h` in GPT-2).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+
+import torch.nn as nn
+
+from frugal.quant.options import SUPPORTED_GROUPS, WeightScheme
+from frugal.errors import FrugalError
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """Name and module of the decoder block list."""
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
+            continue
+        if len({type(b) for b in mod}) != 1 or not any(isinstance(m, nn.Linear) for m in mod[0].modules()):
+            continue
+        if best is None or len(mod) > len(best[1]):
+            best = (name, mod)
+    if best is None:
+        raise FrugalError(f"{type(model).__name__}: no list of decoder blocks with linear layers found")
+    return best
+
+
+def is_ignored(name: str, ignore: tuple[str, ...]) -> bool:
+    """True when a layer's full name matches one of the fnmatch patterns (or ends with one)."""
+    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, "*." + p) for p in ignore)
+
+
+def block_linears(block: nn.Module, prefix: str, ignore: tuple[str, ...]) -> dict[str, nn.Linear]:
+    """Linear layers of one block to quantize, by full name, in module order."""
+    return {
+        f"{prefix}.{n}": m
+        for n, m in block.named_modules()
+        if isinstance(m, nn.Linear) and not is_ignored(f"{prefix}.{n}", ignore)
+    }
+
+
+def outside_linears(model: nn.Module, blocks_name: str, ignore: tuple[str, ...]) -> dict[str, nn.Linear]:
+    """Linear layers outside the block list (e.g. lm_head) that the recipe does not ignore."""
+    return {
+        n: m
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and not n.startswith(blocks_name + ".") and not is_ignored(n, ignore)
+    }
+
+
+def quantizable_linears(model: nn.Module, ignore: tuple[str, ...]) -> dict[str, nn.Linear]:
+    """Every linear layer the recipe would quantize, blocks first."""
+    blocks_name, blocks = find_blocks(model)
+    layers: dict[str, nn.Linear] = {}
+    for i, block in enumerate(blocks):
+        layers.update(block_linears(block, f"{blocks_name}.{i}", ignore))
+    layers.update(outside_linears(model, blocks_name, ignore))
+    return layers
+
+
+def check_group_fit(layers: dict[str, nn.Linear], scheme: WeightScheme) -> None:
+    """Refuse, before any work, a group size that does not divide some layer's input width."""
+    if scheme.group_size == -1:
+        return
+    for name, lin in layers.items():
+        if lin.in_features % scheme.group_size:
+            fits = [g for g in SUPPORTED_GROUPS if g != -1 and all(m.in_features % g == 0 for m in layers.values())]
+            fits_txt = ", ".join(str(g) for g in fits) + (", " if fits else "") + "-1 (per channel)"
+            raise FrugalError(
+                f"{name}: in_features {lin.in_features} is not a multiple of group size "
+                f"{scheme.group_size}; group sizes that fit every layer: {fits_txt}"
+            )
