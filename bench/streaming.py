@@ -5,7 +5,7 @@
 
 Synthetic random-weight Llama models (hidden 1024, 45 MB of float32 per block, vocab 512 with the shared
 tokenizer-512) are written block by block into bench/.work/streaming/ (one safetensors shard per block,
-so the generator never holds more than one block). Each is compressed by `python -m frugal.compression.stream` in a
+so the generator never holds more than one block). Each is compressed by `frugal.compression.stream.compress_streaming` in a
 child process whose private writable memory is capped with RLIMIT_DATA (`--limit-mb`, default 800 MB,
 less than a third of the largest model): Linux counts the heap and every private anonymous mapping
 against it, so an allocation beyond the cap fails, whereas RLIMIT_AS also counts torch's reserved
@@ -107,7 +107,14 @@ try:
 finally:
     print(peak_rss_bytes())
 """
-STREAM = "    from frugal.compression.stream import main\n    code = main(sys.argv[1:])\n    sys.exit(code)"
+STREAM = """    import json
+    from frugal.compression.preflight import decide
+    from frugal.compression.stream import compress_streaming, model_directory
+    from frugal.config import Recipe
+    model, out, recipe, calib = sys.argv[1], sys.argv[2], Recipe.from_dict(json.loads(sys.argv[3])), sys.argv[4]
+    mode, est = decide(model_directory(model)[0], recipe, out, stream=True, force=False)
+    compress_streaming(model, recipe, out, calib, overwrite=True, resume=False,
+                       activation_budget=0 if mode == "stream-offload" else None)"""
 IN_MEMORY = ("    import frugal\n"
              "    frugal.compress(sys.argv[1], {recipe}, sys.argv[2]).save(sys.argv[3], overwrite=True)")
 
@@ -142,9 +149,8 @@ def _run(model: Path, recipe: dict, path: str, limit: int) -> dict:
 
     est = estimate(model, Recipe.from_dict(recipe))
     out = WORK / f"out-{model.name}"
-    if path == "streaming":  # = python -m frugal.compression.stream MODEL -o OUT --recipe JSON --calib FILE ...
-        cmd = [sys.executable, "-c", PEAK.format(body=STREAM), str(model), "-o", str(out), "--recipe",
-               json.dumps(recipe), "--calib", CALIB, "--overwrite", "--no-resume"]
+    if path == "streaming":  # compress_streaming(MODEL, RECIPE, OUT, CALIB) with the pre-flight's activation mode
+        cmd = [sys.executable, "-c", PEAK.format(body=STREAM), str(model), str(out), json.dumps(recipe), CALIB]
         need = est.peak_ram_bytes
     else:
         body = IN_MEMORY.format(recipe=repr(recipe))
@@ -180,7 +186,7 @@ def _write_docs(rows: list[dict], limit_mb: int, command: str) -> None:
     flat = {m: [r["rss_mb"] for r in rows if r["path"] == "streaming" and r["method"] == m] for m in ("rtn", "gptq")}
     spread = "; ".join(f"{m.upper()}: {min(v):.0f}-{max(v):.0f} MB over {len(v)} sizes" for m, v in flat.items() if v)
     body = (f"Synthetic random-weight Llama models (hidden 1024, 45 MB per block in float32) compressed by "
-            f"`python -m frugal.compression.stream` with RLIMIT_DATA = {limit_mb} MB per process (the largest model is "
+            f"`compress_streaming` with RLIMIT_DATA = {limit_mb} MB per process (the largest model is "
             f"{largest * 1000 / limit_mb:.1f}x the limit). GPTQ: 4 samples of 128 tokens; RTN: W4 g128. "
             "Peak RSS is the child's VmHWM (at the failure for a failed run). The in-memory row runs "
             "`frugal.compress(...).save(...)` under the same limit: it runs out of memory while transformers "

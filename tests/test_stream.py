@@ -119,7 +119,7 @@ def test_slot_file_round_trip(tmp_path):
     from safetensors.torch import load_file
 
     from frugal.errors import FrugalError
-    from frugal.compression.stream import SlotFile, SlotWriter, write_slots
+    from frugal.compression.workdir import SlotFile, SlotWriter, write_slots
 
     xs = [torch.randn(1, 5, 3, generator=torch.Generator().manual_seed(i)) for i in range(4)]
     write_slots(tmp_path / "a.safetensors", xs)

@@ -142,22 +142,14 @@ class Estimate:
                 ("disk for output + streaming work (estimate)", self.disk_bytes)]
 
 
-def _packed_bytes(shape: tuple[int, ...], bits: int, group_size: int, symmetric: bool, scale_bytes: int) -> int:
-    """compressed-tensors bytes of one quantized (out, in) weight: packed codes, scales, zero points."""
-    out, inp = shape
-    groups = 1 if group_size == -1 else -(-inp // group_size)
-    n = out * -(-inp * bits // 32) * 4 + out * groups * scale_bytes + 16
-    return n if symmetric else n + -(-out * bits // 32) * groups * 4
-
-
 def _quantized(name: str, t: TensorInfo, in_block: bool, ignore: tuple[str, ...]) -> bool:
     """Would frugal quantize this tensor? (2-D float weights of linear layers; embeddings stay float)."""
-    from fnmatch import fnmatchcase
+    from frugal.load.blocks import is_ignored
 
     if len(t.shape) != 2 or not t.is_float or not name.endswith(".weight"):
         return False
     layer = name[: -len(".weight")]
-    if any(fnmatchcase(layer, p) or fnmatchcase(layer, "*." + p) for p in ignore):
+    if is_ignored(layer, ignore):
         return False
     return in_block or not re.search(r"embed|wte|wpe", layer)
 
@@ -168,6 +160,7 @@ def estimate(model_dir: str | Path, recipe: Any = None, n_samples: int | None = 
     from frugal.compression import methods
     from frugal.compression.transforms import float_targets
     from frugal.config import Recipe
+    from frugal.quant.sizes import packed_bytes, scale_bytes
 
     directory = Path(model_dir)
     recipe = recipe or Recipe()
@@ -192,7 +185,7 @@ def estimate(model_dir: str | Path, recipe: Any = None, n_samples: int | None = 
             output += nbytes
             continue
         s = recipe.scheme_for(name[: -len(".weight")])
-        output += _packed_bytes(t.shape, s.bits, s.group_size, s.symmetric, 2 if s.scale_dtype in ("float16", "bfloat16") else 4)
+        output += packed_bytes(*t.shape, s.bits, s.group_size, s.symmetric, scale_bytes(s.scale_dtype, FLOAT_BYTES))
         out_f, in_f = t.shape
         layer_work = max(layer_work, method.work_bytes(out_f, in_f))
         if m and method.needs_hessian:

@@ -78,7 +78,7 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _check_gguf(path: Path) -> None:
+def check_gguf(path: Path) -> None:
     """Our strict header checks first, then gguf-py's reader (its errors wrapped too)."""
     from gguf import GGUFReader
 
@@ -96,7 +96,7 @@ def gguf_to_hf(path: Path) -> Path:
     out = cache_dir() / "gguf" / sha256_file(path)[:20]
     if (out / "config.json").is_file():
         return out
-    _check_gguf(path)
+    check_gguf(path)
     import torch
     import transformers
 
@@ -116,7 +116,7 @@ def gguf_to_hf(path: Path) -> Path:
     return out
 
 
-def _check_weights(directory: Path, allow_pickle: bool) -> None:
+def check_weights(directory: Path, allow_pickle: bool) -> None:
     """A model directory needs config.json and readable safetensors (pickle only if allowed)."""
     if not (directory / "config.json").is_file():
         raise FrugalError(f"{directory}: not a model directory (no config.json)")
@@ -272,24 +272,36 @@ def load_model(spec: str | os.PathLike | None = None, *, dtype: Any = None, allo
                device: str = "cpu") -> Loaded:
     """Load a causal LM and its tokenizer from a directory, a GGUF file, or the default model."""
     import torch
-    import transformers
 
+    source, directory = model_directory(spec, allow_pickle)
+    model = _from_pretrained(directory, _read_config(directory), dtype or torch.float32, allow_pickle)
+    model.to(device).eval()
+    _check_finite(model, directory)
+    tokenizer = load_tokenizer(directory)
+    return Loaded(model=model, tokenizer=tokenizer, source=source, path=directory)
+
+
+def model_directory(spec: str | os.PathLike | None, allow_pickle: bool = False) -> tuple[Path, Path]:
+    """(what the user named, the checked directory holding config.json and weights): a GGUF file is
+    dequantized once into the cache; pickle files are refused unless `allow_pickle`."""
     source = resolve(spec)
+    directory = source
     if source.is_file():
         if source.suffix in PICKLE_SUFFIXES and not allow_pickle:
             raise FrugalError(f"{source}: pickle checkpoint refused (it can run code when loaded); pass --allow-pickle if you trust it")
         if source.suffix != ".gguf":
             raise FrugalError(f"{source}: expected a model directory or a .gguf file")
         directory = gguf_to_hf(source)
-    else:
-        directory = source
-    _check_weights(directory, allow_pickle)
-    model = _from_pretrained(directory, _read_config(directory), dtype or torch.float32, allow_pickle)
-    model.to(device).eval()
-    _check_finite(model, directory)
+    check_weights(directory, allow_pickle)
+    return source, directory
+
+
+def load_tokenizer(directory: Path) -> Any:
+    """The directory's tokenizer, or None (with a warning) when transformers cannot load one."""
+    import transformers
+
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+        return transformers.AutoTokenizer.from_pretrained(directory)
     except Exception as e:
         log.warning("%s: no usable tokenizer (%s)", directory, str(e).splitlines()[0][:120])
-        tokenizer = None
-    return Loaded(model=model, tokenizer=tokenizer, source=source, path=directory)
+        return None

@@ -1,5 +1,5 @@
-"""AWQ glue: which operation feeds which linear layers in each family, folding the scales, and
-running the search (`frugal.quant.awq`) on one decoder block.
+"""AWQ glue: folding the scales of each family's scaling pairs (`FamilyRecord.awq` in frugal.families),
+and running the search (`frugal.quant.awq`) on one decoder block.
 
 A scaling pair is (preceding op -> linear layers that read its output and nothing else does). Its
 scales s multiply the linears' input columns and divide the op's output channels, so the float model
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import torch
@@ -25,6 +24,7 @@ from frugal.compression.hooks import InputHooks, run_block
 from frugal.compression.transforms import BlockContext, Place, Transform
 from frugal.load.blocks import block_linears
 from frugal.errors import FrugalError
+from frugal.families import FamilyRecord, ScalePair, family, supporting
 from frugal.quant.awq import ActivationStats, ScaleSearch, clip_weight, rtn_quantizer, search_clip, search_scales
 
 if TYPE_CHECKING:
@@ -33,54 +33,17 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class ScalePair:
-    prev: str  # module name inside the block: a norm or a linear layer
-    linears: tuple[str, ...]  # the linear layers fed by prev's output
-    requires: tuple[tuple[str, Any], ...] = ()  # config (attribute, value) pairs under which it is exact
-
-
-@dataclass(frozen=True)
-class Family:
-    pairs: tuple[ScalePair, ...]
-    norm_offset: float = 0.0  # norms compute x_hat * (norm_offset + w)
-    # Layers left out of the clip search: the output error of q and k says little about the error
-    # after the q.k product and softmax (the reference AWQ code skips them for the same reason).
-    no_clip: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj")
-
-
-_ATTN = ScalePair("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))
-_VO = ScalePair("self_attn.v_proj", ("self_attn.o_proj",))
-_UD = ScalePair("mlp.up_proj", ("mlp.down_proj",))
-_LLAMA = Family((_ATTN, _VO, ScalePair("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")), _UD))
-_PRE_LN = (("do_layer_norm_before", True),)  # OPT-350m normalises after the residual: no norm pairs
-
-FAMILIES: dict[str, Family] = {
-    "llama": _LLAMA,
-    "mistral": _LLAMA,
-    "qwen2": _LLAMA,
-    "qwen3": _LLAMA,
-    "gemma3_text": Family((_ATTN, _VO, ScalePair("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")), _UD),
-                          norm_offset=1.0),
-    "phi3": Family((ScalePair("input_layernorm", ("self_attn.qkv_proj",)),
-                    ScalePair("post_attention_layernorm", ("mlp.gate_up_proj",))), no_clip=("self_attn.qkv_proj",)),
-    "opt": Family((ScalePair("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-                             _PRE_LN),
-                   ScalePair("self_attn.v_proj", ("self_attn.out_proj",)),
-                   ScalePair("final_layer_norm", ("fc1",), _PRE_LN),
-                   ScalePair("fc1", ("fc2",), (("activation_function", "relu"),)))),
-}
-
-
-def _family(model_type: str | None, where: str) -> Family:
-    if model_type not in FAMILIES:
+def _family(model_type: str | None, where: str) -> FamilyRecord:
+    """The family's record, which has AWQ scaling pairs (frugal.families), or a FrugalError."""
+    record = family(model_type)
+    if record is None or record.awq is None:
         raise FrugalError(f"{where}: AWQ does not know the model family {model_type!r} "
-                          f"(known: {', '.join(sorted(FAMILIES))})")
-    return FAMILIES[model_type]
+                          f"(known: {', '.join(sorted(supporting('awq')))})")
+    return record
 
 
 def check(model: nn.Module) -> None:
-    """Refuse, before any work, a model whose family has no AWQ table."""
+    """Refuse, before any work, a model whose family record has no AWQ scaling pairs."""
     cfg = model.config
     _family(getattr(cfg, "model_type", None), type(model).__name__)
 
@@ -96,7 +59,7 @@ def block_config(block: nn.Module, where: str) -> Any:
 def scale_pairs(block: nn.Module, cfg: Any, where: str) -> list[ScalePair]:
     """The family's pairs that exist in this block and are exact for its config and widths."""
     pairs = []
-    for pair in _family(cfg.model_type, where).pairs:
+    for pair in _family(cfg.model_type, where).awq.pairs:
         if any(getattr(cfg, k, None) != v for k, v in pair.requires):
             continue
         prev = block.get_submodule(pair.prev)
@@ -143,8 +106,8 @@ class StatsHooks:
         return hooks.acc
 
 
-def _search_pair(block: nn.Module, prefix: str, pair: ScalePair, family: Family, stats: dict[str, ActivationStats],
-                 recipe: Recipe, quantized: set[str]) -> ScaleSearch | None:
+def _search_pair(block: nn.Module, prefix: str, pair: ScalePair, record: FamilyRecord,
+                 stats: dict[str, ActivationStats], recipe: Recipe, quantized: set[str]) -> ScaleSearch | None:
     """Search one pair's scales on the current weights, fold them, and rescale the inputs' statistics."""
     names = [n for n in pair.linears if n in quantized]
     if not names:  # every consumer stays float: nothing to protect
@@ -155,7 +118,7 @@ def _search_pair(block: nn.Module, prefix: str, pair: ScalePair, family: Family,
     st = stats[names[0]]
     res = search_scales(ws, qs, st.mean_abs(), st.gram(), recipe.awq.grid)
     fold_scales(block.get_submodule(pair.prev), [block.get_submodule(n) for n in pair.linears], res.scales,
-                family.norm_offset)
+                record.norm.offset)
     for shared in {id(stats[n]): stats[n] for n in pair.linears}.values():  # each distinct input once
         shared.rescale(res.scales)
     log.debug("%s: %s alpha=%.2f output error %.4g -> %.4g", prefix, pair.prev, res.alpha, res.loss_identity, res.loss)
@@ -178,7 +141,7 @@ def apply_awq(block: nn.Module, prefix: str, recipe: Recipe, hidden: Sequence[to
     weights clamped to the searched ranges. Returns each scaled pair's search, by preceding op."""
     opts = recipe.awq
     cfg = block_config(block, prefix)
-    family = _family(cfg.model_type, prefix)
+    record = _family(cfg.model_type, prefix)
     pairs = scale_pairs(block, cfg, prefix)
     quantized = {n[len(prefix) + 1:] for n in block_linears(block, prefix, recipe.ignore)}
     consumers = {n for p in pairs for n in p.linears}
@@ -188,11 +151,11 @@ def apply_awq(block: nn.Module, prefix: str, recipe: Recipe, hidden: Sequence[to
     stats = StatsHooks(hooked, math.ceil(opts.max_tokens / n)).collect(block, samples, args, kw)
     searches = {}
     for pair in pairs:
-        res = _search_pair(block, prefix, pair, family, stats, recipe, quantized)
+        res = _search_pair(block, prefix, pair, record, stats, recipe, quantized)
         if res is not None:
             searches[pair.prev] = res
     if opts.clip:
-        for n in sorted(quantized - set(family.no_clip)):
+        for n in sorted(quantized - set(record.awq.no_clip)):
             _clip_layer(f"{prefix}.{n}", block.get_submodule(n), stats[n], recipe)
     return searches
 

@@ -21,15 +21,14 @@ so SmolLM2's hidden size gets a true Hadamard matrix (every entry ±1/24). For a
 construction the rotation is kron(H_a / sqrt(a), Haar-random orthogonal (n / a)) with a the largest
 constructible divisor of n (logged): still orthogonal, incoherent across the Hadamard factor only.
 
-Model differences are data: `FAMILIES` lists per `config.model_type` where the norms, readers and
-writers are; `REFUSED` says why a family cannot be rotated exactly.
+Model differences are data: each family's record in frugal.families says where the norms, readers and
+writers are (`FamilyRecord.rotation`) or why the family cannot be rotated exactly (`rotation_refused`).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import torch
@@ -39,6 +38,7 @@ from tqdm.auto import tqdm
 from frugal.quant.options import ROTATIONS, RotationOptions
 from frugal.compression.transforms import Place, Transform
 from frugal.errors import FrugalError
+from frugal.families import FamilyRecord, RotationLayout, family, supporting
 
 log = logging.getLogger(__name__)
 
@@ -171,54 +171,16 @@ def incoherence(w: torch.Tensor) -> torch.Tensor:
 
 # -- Families -----------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Family:
-    """Where one architecture keeps what the rotation touches; block paths are relative to a block."""
-
-    embedding: str = "model.embed_tokens"
-    final_norm: str = "model.norm"
-    head: str = "lm_head"
-    attn_norm: str = "input_layernorm"
-    attn_in: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
-    attn_out: str = "self_attn.o_proj"
-    mlp_norm: str = "post_attention_layernorm"
-    mlp_in: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj")
-    mlp_out: str = "mlp.down_proj"
-    v_proj: str = "self_attn.v_proj"
-    v_after_qk: bool = False  # values are the rows after q and k in a fused qkv_proj
-    norm_offset: float = 0.0  # the norm multiplies by (norm_offset + weight); Gemma: 1
-
-    def norms_to_readers(self) -> tuple[tuple[str, tuple[str, ...]], ...]:
-        return ((self.attn_norm, self.attn_in), (self.mlp_norm, self.mlp_in))
-
-
-_LLAMA = Family()
-FAMILIES: dict[str, Family] = {
-    "llama": _LLAMA,
-    "mistral": _LLAMA,
-    "qwen2": _LLAMA,
-    "qwen3": _LLAMA,  # q_norm/k_norm act on q/k heads after q_proj/k_proj: untouched by R1 and R2
-    "gemma": replace(_LLAMA, norm_offset=1.0),  # embedding scaled by sqrt(hidden): a scalar, commutes
-    "phi3": replace(_LLAMA, attn_in=("self_attn.qkv_proj",), mlp_in=("mlp.gate_up_proj",),
-                    v_proj="self_attn.qkv_proj", v_after_qk=True),
-}
-_POST_NORMS = ("post-attention/post-feedforward norms act on sublayer outputs before the residual add, "
-               "so the residual rotation cannot be fused")
-REFUSED: dict[str, str] = {
-    "gemma2": _POST_NORMS,
-    "gemma3": _POST_NORMS,
-    "gemma3_text": _POST_NORMS,
-    "opt": "LayerNorm subtracts the mean, which does not commute with a rotation of the residual stream",
-}
-
-
-def _family(model: nn.Module) -> Family:
+def _family(model: nn.Module) -> FamilyRecord:
+    """The model's family record, which has a rotation layout (frugal.families), or a FrugalError."""
     mt = getattr(model.config, "model_type", None)
-    if mt in REFUSED:
-        raise FrugalError(f"rotation: model_type {mt!r} cannot be rotated exactly: {REFUSED[mt]}")
-    if mt not in FAMILIES:
-        raise FrugalError(f"rotation: model_type {mt!r} has no rotation table (supported: {', '.join(FAMILIES)})")
-    return FAMILIES[mt]
+    record = family(mt)
+    if record is not None and record.rotation_refused:
+        raise FrugalError(f"rotation: model_type {mt!r} cannot be rotated exactly: {record.rotation_refused}")
+    if record is None or record.rotation is None:
+        raise FrugalError(f"rotation: model_type {mt!r} has no rotation table "
+                          f"(supported: {', '.join(supporting('rotation'))})")
+    return record
 
 
 def _heads(config) -> tuple[int, int, int]:
