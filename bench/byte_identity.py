@@ -123,7 +123,10 @@ def main() -> int:
     models = build_models(Path(a.models))
     if a.src:
         sys.path.insert(0, str(Path(a.src).resolve()))
-    from frugal.cli.main.main import main as frugal_main
+    try:
+        from frugal.cli.main import main as frugal_main  # stage folders
+    except ImportError:
+        from frugal.cli import main as frugal_main  # the flat package before them
     import frugal
 
     print(f"frugal from {Path(frugal.__file__).parent}", file=sys.stderr)

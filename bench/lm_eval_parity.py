@@ -94,8 +94,8 @@ def venv_versions(py: Path) -> dict[str, str]:
 
 # -------------------------------------------------------------------------------------- task files
 
-PIQA_YAML = """\
-task: frugal_piqa
+TASK_YAML = """\
+task: frugal_{task}
 dataset_path: json
 dataset_name: null
 dataset_kwargs:
@@ -104,10 +104,7 @@ dataset_kwargs:
 output_type: multiple_choice
 validation_split: validation
 test_split: null
-doc_to_text: "Question: {{{{goal}}}}\\nAnswer:"
-doc_to_target: label
-doc_to_choice: "{{{{[sol1, sol2]}}}}"
-metric_list:
+{prompt}metric_list:
   - metric: acc
     aggregation: mean
     higher_is_better: true
@@ -118,30 +115,25 @@ metadata:
   version: 1.0
 """
 
-HELLASWAG_YAML = """\
-task: frugal_hellaswag
-dataset_path: json
-dataset_name: null
-dataset_kwargs:
-  data_files:
-    validation: {data}
-output_type: multiple_choice
-validation_split: validation
-test_split: null
+# what differs between the two task files: how a document becomes the prompt, target and choices
+TASK_PROMPTS = {
+    "piqa": """\
+doc_to_text: "Question: {{goal}}\\nAnswer:"
+doc_to_target: label
+doc_to_choice: "{{[sol1, sol2]}}"
+""",
+    "hellaswag": """\
 process_docs: !function utils.process_docs
-doc_to_text: "{{{{query}}}}"
-doc_to_target: "{{{{label}}}}"
+doc_to_text: "{{query}}"
+doc_to_target: "{{label}}"
 doc_to_choice: "choices"
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-  - metric: acc_norm
-    aggregation: mean
-    higher_is_better: true
-metadata:
-  version: 1.0
-"""
+""",
+}
+
+
+def task_yaml(task: str, data: Path) -> str:
+    """lm-eval task file `frugal_<task>` reading its documents from the JSONL file `data`."""
+    return TASK_YAML.format(task=task, data=json.dumps(str(data)), prompt=TASK_PROMPTS[task])
 
 
 def write_tasks(py: Path) -> Path:
@@ -157,8 +149,7 @@ def write_tasks(py: Path) -> Path:
         with open(d / f"{name}.jsonl", "w", encoding="utf-8") as f:
             for doc in docs:
                 f.write(json.dumps({k: doc[k] for k in fields}, ensure_ascii=False) + "\n")
-    (d / "frugal_piqa.yaml").write_text(PIQA_YAML.format(data=json.dumps(str(d / "piqa.jsonl"))))
-    (d / "frugal_hellaswag.yaml").write_text(HELLASWAG_YAML.format(data=json.dumps(str(d / "hellaswag.jsonl"))))
+        (d / f"frugal_{name}.yaml").write_text(task_yaml(name, d / f"{name}.jsonl"))
     r = subprocess.run([str(py), "-c", "import lm_eval.tasks.hellaswag.utils as u; print(u.__file__)"],
                        capture_output=True, text=True, env=_clean_env())
     if r.returncode != 0:

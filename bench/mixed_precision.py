@@ -168,10 +168,10 @@ def plot_suffix(a) -> str:
 
 
 def plot(points, path: Path, model: str) -> None:
-    from frugal.report.html import _SVG_METADATA, _figure, _style
+    from frugal.report.charts import SVG_METADATA, new_figure, plot_style
 
-    with _style():
-        fig = _figure(5.5, 3.6)
+    with plot_style():
+        fig = new_figure(5.5, 3.6)
         ax = fig.add_subplot()
         for kind, marker in (("uniform", "o-"), ("mixed", "s")):
             pts = sorted(points[kind])
@@ -182,7 +182,7 @@ def plot(points, path: Path, model: str) -> None:
         ax.set_ylabel("perplexity")
         ax.set_title(f"{model}: size vs perplexity")
         ax.legend()
-        fig.savefig(path, format="svg", metadata=_SVG_METADATA)
+        fig.savefig(path, format="svg", metadata=SVG_METADATA)
 
 
 if __name__ == "__main__":

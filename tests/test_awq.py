@@ -50,8 +50,8 @@ def add_outlier_channels(model, family: str, factor: float = 20.0, seed: int = 3
 def test_folding_scales_keeps_the_logits(family):
     """Folding arbitrary positive scales into every pair (no quantization) changes no logit by more
     than 1e-5 relative, for norms with offsets and biases and for linear -> linear pairs."""
-    from frugal.compression.transforms.awq import FAMILIES as AWQ_FAMILIES
     from frugal.compression.transforms.awq import block_config, fold_scales, scale_pairs
+    from frugal.families import family as family_record
     from frugal.load.blocks import find_blocks
 
     model = tiny(family) if family == "opt" else tiny(family, num_key_value_heads=4)
@@ -68,7 +68,7 @@ def test_folding_scales_keeps_the_logits(family):
         for p in pairs:
             lins = [block.get_submodule(n) for n in p.linears]
             s = torch.rand(lins[0].in_features, generator=g) * 4 + 0.2
-            fold_scales(block.get_submodule(p.prev), lins, s, AWQ_FAMILIES[cfg.model_type].norm_offset)
+            fold_scales(block.get_submodule(p.prev), lins, s, family_record(cfg.model_type).norm.offset)
             folded += 1
     with torch.no_grad():
         out = model(ids).logits

@@ -267,3 +267,43 @@ def test_gemma3_blocks_get_their_own_masks(tiny_model_factory):
     assert m1 is None or not torch.equal(m0, m1)
     cos0, cos1 = kw0["position_embeddings"][0], kw1["position_embeddings"][0]
     assert not torch.equal(cos0, cos1), "local and global rotary embeddings should differ"
+
+
+# -- the family table (frugal.families) ------------------------------------------------------------
+
+def test_every_tested_family_has_a_record():
+    """Each tiny-model family of conftest.FAMILIES (by its config's model_type) has a record, and the
+    table is keyed by each record's own model_type."""
+    import transformers
+
+    from frugal.families import FAMILIES as RECORDS, family
+
+    assert all(mt == r.model_type for mt, r in RECORDS.items())
+    for name, (cls_name, _) in FAMILIES.items():
+        mt = getattr(transformers, cls_name).model_type
+        assert family(mt) is not None, f"conftest family {name!r} ({mt}) has no frugal.families record"
+    assert family("somethingelse") is None and family(None) is None
+
+
+def test_family_records_are_consistent():
+    """Every record names a norm kind; the (1 + w) offset lives only in `norm`; rotation is either laid
+    out (RMSNorm only) or refused with a reason; AWQ pairs are non-empty and name their linears."""
+    from dataclasses import fields, is_dataclass
+
+    from frugal.families import FAMILIES as RECORDS, FamilyRecord, supporting
+
+    offsets = [f.name for f in fields(FamilyRecord) if "offset" in f.name or "plus_one" in f.name]
+    assert offsets == []  # a record declares the norm offset once: FamilyRecord.norm.offset
+    for mt, r in RECORDS.items():
+        assert r.norm.kind in ("rms", "layer") and r.norm.offset in (0.0, 1.0), mt
+        subs = [getattr(r, f.name) for f in fields(r) if is_dataclass(getattr(r, f.name))]
+        for sub in subs:
+            if sub is not r.norm:
+                assert not [f.name for f in fields(sub) if "offset" in f.name or "plus_one" in f.name], (mt, sub)
+        assert (r.rotation is None) != (r.rotation_refused == ""), f"{mt}: a rotation layout xor a refusal reason"
+        if r.rotation is not None:
+            assert r.norm.kind == "rms" and r.rotation.final_norm in r.final, mt
+        if r.awq is not None:
+            assert r.awq.pairs and all(p.prev and p.linears for p in r.awq.pairs), mt
+        assert r.final and all(isinstance(role, str) and names for role, names in r.roles), mt
+    assert supporting("awq") == [mt for mt, r in RECORDS.items() if r.awq is not None]

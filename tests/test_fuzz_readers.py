@@ -25,7 +25,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from frugal.errors import FrugalError
-from frugal.load.model import _check_gguf, _check_weights, load_model
+from frugal.load import model as loader
+from frugal.load.model import load_model
 from frugal.load.validate import check_gguf, check_safetensors
 
 EXAMPLES = int(os.environ.get("FRUGAL_FUZZ_EXAMPLES", "0"))
@@ -80,6 +81,29 @@ def _bounded_memory(check, path: Path) -> object:
         assert peak <= limit, f"{check.__name__} allocated {peak} bytes for a {path.stat().st_size}-byte file"
 
 
+def _agrees(path: Path, check, read) -> None:
+    """`check(path)` (memory-bounded) ends in a one-line FrugalError naming the file, or its header is of
+    a file that `read(path, header)`, the library behind the format, reads completely."""
+    try:
+        header = _bounded_memory(check, path)
+    except FrugalError as e:
+        assert "\n" not in str(e) and str(path) in str(e)
+        return
+    read(path, header)
+
+
+def _fuzz_file(path: Path, data: bytes, check, read, load=None) -> None:
+    """`data` written to `path` holds `_agrees`; then `load()` (what load_model runs before transformers),
+    where given, ends in a FrugalError or returns."""
+    path.write_bytes(data)
+    _agrees(path, check, read)
+    if load is not None:
+        try:
+            load()
+        except FrugalError:
+            pass
+
+
 # ------------------------------------------------------------------------------------------ safetensors
 
 
@@ -97,15 +121,10 @@ SAFETENSORS = _valid_safetensors()
 SAFETENSORS_HOT = 8 + int.from_bytes(SAFETENSORS[:8], "little")
 
 
-def _safetensors_property(path: Path) -> None:
-    """FrugalError, or a file the safetensors library reads completely."""
+def _read_safetensors(path: Path, header: dict) -> None:
+    """The safetensors library reads every tensor of the file, the same names as `header`."""
     from safetensors import safe_open
 
-    try:
-        header = _bounded_memory(check_safetensors, path)
-    except FrugalError as e:
-        assert "\n" not in str(e) and str(path) in str(e)
-        return
     with safe_open(str(path), framework="pt") as f:
         assert sorted(f.keys()) == sorted(header)
         for k in f.keys():
@@ -130,13 +149,8 @@ def test_valid_safetensors_passes(scratch):
 @fuzz(300)
 @given(data=mutated(SAFETENSORS, SAFETENSORS_HOT))
 def test_fuzz_mutated_safetensors(scratch, data):
-    path = scratch / "model.safetensors"
-    path.write_bytes(data)
-    _safetensors_property(path)
-    try:
-        _check_weights(scratch, allow_pickle=False)  # what load_model runs before transformers
-    except FrugalError:
-        pass
+    _fuzz_file(scratch / "model.safetensors", data, check_safetensors, _read_safetensors,
+               load=lambda: loader.check_weights(scratch, allow_pickle=False))
 
 
 JSON_LEAF = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=8)
@@ -165,9 +179,7 @@ def random_safetensors(draw) -> bytes:
 @fuzz(300)
 @given(data=random_safetensors())
 def test_fuzz_random_safetensors_headers(scratch, data):
-    path = scratch / "model.safetensors"
-    path.write_bytes(data)
-    _safetensors_property(path)
+    _fuzz_file(scratch / "model.safetensors", data, check_safetensors, _read_safetensors)
 
 
 @st.composite
@@ -191,9 +203,7 @@ def consistent_safetensors(draw) -> bytes:
 @fuzz(200)
 @given(data=consistent_safetensors())
 def test_fuzz_nearly_valid_safetensors(scratch, data):
-    path = scratch / "model.safetensors"
-    path.write_bytes(data)
-    _safetensors_property(path)
+    _fuzz_file(scratch / "model.safetensors", data, check_safetensors, _read_safetensors)
 
 
 # ------------------------------------------------------------------------------------------------ GGUF
@@ -237,15 +247,10 @@ def check_gguf_bytes(data: bytes):
 GGUF_HOT = check_gguf_bytes(GGUF).data_offset  # metadata and tensor descriptions end here
 
 
-def _gguf_property(path: Path) -> None:
-    """FrugalError, or a file gguf-py reads completely, with the same layout as ours."""
+def _read_gguf(path: Path, header) -> None:
+    """gguf-py reads the whole file, with the same layout as `header`."""
     from gguf import GGUFReader
 
-    try:
-        header = _bounded_memory(check_gguf, path)
-    except FrugalError as e:
-        assert "\n" not in str(e) and str(path) in str(e)
-        return
     reader = GGUFReader(path)
     for f in reader.fields.values():
         f.contents()
@@ -263,19 +268,14 @@ def test_valid_gguf_agrees_with_gguf_py(scratch):
     assert [(t.name, t.ggml_type, t.dims) for t in header.tensors] == [
         ("token_embd.weight", "F32", (8, 4)), ("blk.0.attn_q.weight", "F16", (16, 2)),
         ("blk.0.ffn_up.weight", "Q8_0", (32, 2))]
-    _gguf_property(path)
+    _agrees(path, check_gguf, _read_gguf)
 
 
 @fuzz(400)
 @given(data=mutated(GGUF, GGUF_HOT))
 def test_fuzz_mutated_gguf(scratch, data):
     path = scratch / "m.gguf"
-    path.write_bytes(data)
-    _gguf_property(path)
-    try:
-        _check_gguf(path)  # what load_model runs before transformers
-    except FrugalError:
-        pass
+    _fuzz_file(path, data, check_gguf, _read_gguf, load=lambda: loader.check_gguf(path))
 
 
 @st.composite
@@ -314,17 +314,13 @@ def gguf_tensor_fields(draw) -> bytes:
 @fuzz(200)
 @given(data=gguf_tensor_fields())
 def test_fuzz_gguf_tensor_descriptions(scratch, data):
-    path = scratch / "m.gguf"
-    path.write_bytes(data)
-    _gguf_property(path)
+    _fuzz_file(scratch / "m.gguf", data, check_gguf, _read_gguf)
 
 
 @fuzz(100)
 @given(data=gguf_counts())
 def test_fuzz_gguf_counts(scratch, data):
-    path = scratch / "m.gguf"
-    path.write_bytes(data)
-    _gguf_property(path)
+    _fuzz_file(scratch / "m.gguf", data, check_gguf, _read_gguf)
 
 
 def test_gguf_huge_counts_refused_fast(scratch):

@@ -168,3 +168,44 @@ def test_available_ram_takes_the_cgroup_limit(tmp_path, version):
     assert available_ram_bytes(meminfo, proc, root) == 13 * 10**8
     (d / files[0]).write_text("max\n" if version == 2 else "9223372036854771712\n")
     assert available_ram_bytes(meminfo, proc, root) == 8000000 * 1024
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "phi3", "opt"])
+@pytest.mark.parametrize("ignore", [("lm_head",), ("lm_head", "mlp.down_proj"), ("*.0.self_attn.*",), ()])
+def test_preflight_quantizes_the_layers_the_loader_finds(tiny_model_factory, family, ignore):
+    """One ignore rule (frugal.load.blocks.is_ignored): the layers pre-flight counts as quantized from
+    the headers are the linear layers frugal quantizes in the loaded model."""
+    import transformers
+
+    from frugal.compression.preflight import _quantized, block_list, checkpoint_tensors
+    from frugal.load.blocks import quantizable_linears
+
+    src = tiny_model_factory(family)
+    tensors = checkpoint_tensors(src)
+    prefix, _ = block_list(list(tensors))
+    counted = {n[: -len(".weight")] for n, t in tensors.items() if _quantized(n, t, n.startswith(prefix + "."), ignore)}
+    model = transformers.AutoModelForCausalLM.from_pretrained(src)
+    found = set(quantizable_linears(model, ignore))
+    # a head tied to the embeddings has no tensor of its own in the checkpoint (gemma3 with ignore=())
+    tied = {n for n in found if n + ".weight" not in tensors
+            and model.get_submodule(n).weight is model.get_input_embeddings().weight}
+    assert counted == found - tied
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_loaded_model_estimate_is_the_header_estimate(tiny_model_factory, family):
+    """`frugal info`'s estimate of a loaded model (evaluation.sizes.compression_estimate) is the
+    pre-flight estimate of its checkpoint: one estimator, whether headers or a model are at hand."""
+    import transformers
+
+    from frugal.config import Recipe, WeightScheme
+    from frugal.compression.preflight import estimate
+    from frugal.evaluation.sizes import compression_estimate
+    from frugal.load.blocks import quantizable_linears
+
+    src = tiny_model_factory(family)
+    model = transformers.AutoModelForCausalLM.from_pretrained(src)
+    scheme = WeightScheme(4, 32)
+    est = compression_estimate(model, quantizable_linears(model, ("lm_head",)), scheme, 8, 64)
+    pre = estimate(src, Recipe(weights=scheme), 8, 64)
+    assert est == {"output_bytes": pre.output_bytes, "peak_bytes": pre.in_memory_ram_bytes}

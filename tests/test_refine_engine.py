@@ -176,10 +176,10 @@ def test_refusals_name_the_option(llama, tmp_path, capsys):
 
 
 def test_cli_awq_no_clip_sets_scales_only():
-    from frugal.cli.main import _parser, _recipe_from_args
+    from frugal.cli.main import _parser, recipe_from_args
 
     a = _parser().parse_args(["compress", "--awq-no-clip", "--refine", "--asym", "-o", "x"])
-    r = _recipe_from_args(a)
+    r = recipe_from_args(a)
     assert r.awq.enabled and not r.awq.clip and r.refine.enabled and not r.weights.symmetric
-    r = _recipe_from_args(_parser().parse_args(["compress", "--awq", "-o", "x"]))
+    r = recipe_from_args(_parser().parse_args(["compress", "--awq", "-o", "x"]))
     assert r.awq.enabled and r.awq.clip

@@ -14,7 +14,8 @@ from conftest import build_tiny_model
 
 import frugal
 from frugal.errors import FrugalError
-from frugal.compression.transforms.rotation import (FAMILIES, RotationOptions, check, fuse_norm, hadamard, incoherence, random_hadamard,
+from frugal.families import family as family_record
+from frugal.compression.transforms.rotation import (RotationOptions, check, fuse_norm, hadamard, incoherence, random_hadamard,
                            random_orthogonal, rotate_head_cols, rotate_head_rows, rotate_model, rotate_reader,
                            rotate_writer)
 
@@ -134,7 +135,7 @@ def test_rotated_float_model_is_the_same_function(case, kind, tmp_path):
     rotate_model(model, RotationOptions(kind=kind, seed=0))
     out = _logits(model, ids)
     assert (out - ref).abs().max() / ref.abs().max() < EXACT_REL
-    offset = FAMILIES[model.config.model_type].norm_offset
+    offset = family_record(model.config.model_type).norm.offset
     norms = [p for n, p in model.named_parameters() if n.endswith("layernorm.weight") or n == "model.norm.weight"]
     assert len(norms) == 2 * 2 + 1 and all(torch.all(p == 1.0 - offset) for p in norms)
     assert model.get_output_embeddings().weight is not model.get_input_embeddings().weight

@@ -76,6 +76,14 @@ class Run:
 
         return transformers.AutoTokenizer.from_pretrained(self.args.model)
 
+    def float_model(self):
+        """(calibration ids, float model), the float model's log-probs saved for the parent's checks: the
+        start every runner shares (for calibration-free peers the ids only feed those logit checks)."""
+        ids = self.calib()
+        model = self.load_float()
+        self.save_float_logits(model, ids)
+        return ids, model
+
     @torch.no_grad()
     def save_float_logits(self, model, ids: torch.Tensor) -> None:
         """Log-probs of the untouched float model on a fixed window (the parent compares them with its own)."""
@@ -127,6 +135,19 @@ class Run:
                 shutil.copy2(orig / f, deq / f)
         self.result["replaced_linears"] = replaced
         return deq
+
+    def finish_unsaved(self, model, ids: torch.Tensor, weights: dict[str, torch.Tensor], n_weights: int,
+                       n_groups: int, zeros: bool, note: str, in_memory: int | None = None) -> None:
+        """The end of a peer that writes no saved format: OUT/deq, its bytes computed from the codes, scales
+        and (`zeros`) zero points, what its tensors took in memory where known, `note`, and the check of
+        its own quantized `model` against OUT/deq."""
+        self.write_dequantized(weights)
+        self.result["computed_bytes"] = codes_bytes(n_weights, n_groups, self.args.bits, zeros)
+        if in_memory is not None:
+            self.result["in_memory_bytes"] = in_memory
+        self.result["symmetric"] = not zeros
+        self.note(note)
+        self.native_check(model, ids)
 
     def write_model_state(self, model) -> Path:
         """OUT/deq: the whole model's state (float32) and its config, for recipes that change tensors
@@ -237,6 +258,11 @@ def versions(*dists: str) -> dict[str, str]:
 def codes_bytes(n_weights: int, n_groups: int, bits: int, zeros: bool) -> int:
     """Computed storage: packed codes, fp16 scales, and fp16 zero points when the grid has them."""
     return int(n_weights * bits / 8 + n_groups * 2 + (n_groups * 2 if zeros else 0))
+
+
+def tensor_bytes(*tensors) -> int:
+    """Bytes the given tensors hold (anything that is not a tensor, e.g. None, counts 0)."""
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
 def unpack_rows(packed: torch.Tensor, bits: int, n_rows: int) -> torch.Tensor:

@@ -19,10 +19,8 @@ def run(r: _util.Run) -> None:
     from auto_round import AutoRound
 
     a = r.args
-    ids = r.calib()
-    model = r.load_float()
+    ids, model = r.float_model()
     tok = r.tokenizer()
-    r.save_float_logits(model, ids)
     names = list(_util.decoder_linears(model))
     shapes = {n: (m.in_features, m.out_features) for n, m in _util.decoder_linears(model).items()}
     kw = dict(bits=a.bits, group_size=a.group, sym=True, dataset=[row[None] for row in ids],

@@ -18,9 +18,7 @@ def run(r: _util.Run) -> None:
     from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
 
     a = r.args
-    ids = r.calib()
-    float_model = r.load_float()
-    r.save_float_logits(float_model, ids)
+    ids, float_model = r.float_model()
     shapes = {n: (m.in_features, m.out_features) for n, m in _util.decoder_linears(float_model).items()}
     del float_model
     qcfg = QuantizeConfig(bits=a.bits, group_size=a.group, sym=True)

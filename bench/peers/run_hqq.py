@@ -18,9 +18,7 @@ def run(r: _util.Run) -> None:
     from tqdm import tqdm
 
     a = r.args
-    ids = r.calib()  # calibration-free: the tokens are only used for the logit checks
-    model = r.load_float()
-    r.save_float_logits(model, ids)
+    ids, model = r.float_model()  # calibration-free: the ids only feed the logit checks
     lins = _util.decoder_linears(model)
     cfg = BaseQuantizeConfig(nbits=a.bits, group_size=a.group)
     r.note(f"BaseQuantizeConfig(nbits={a.bits}, group_size={a.group}) -> weight params {cfg['weight_quant_params']}; "
@@ -41,18 +39,10 @@ def run(r: _util.Run) -> None:
         weights[name] = w.reshape(q.meta["shape"])
         n += w.numel()
         groups += w.numel() // a.group
-        mem += q.W_q.numel() * q.W_q.element_size()
-        for k in ("scale", "zero"):
-            t = q.meta.get(k)
-            if isinstance(t, torch.Tensor):
-                mem += t.numel() * t.element_size()
-    r.write_dequantized(weights)
-    r.result["computed_bytes"] = _util.codes_bytes(n, groups, a.bits, zeros=True)
-    r.result["in_memory_bytes"] = mem
-    r.result["symmetric"] = False
-    r.note(f"no saved format written (HQQ saves via torch pickles); bytes computed as {a.bits}-bit codes + fp16 scales + "
-           f"fp16 zero points; in memory with float32 meta: {mem} bytes")
-    r.native_check(model, ids)
+        mem += _util.tensor_bytes(q.W_q, q.meta.get("scale"), q.meta.get("zero"))
+    r.finish_unsaved(model, ids, weights, n, groups, zeros=True, in_memory=mem,
+                     note=f"no saved format written (HQQ saves via torch pickles); bytes computed as {a.bits}-bit codes "
+                          f"+ fp16 scales + fp16 zero points; in memory with float32 meta: {mem} bytes")
     r.result["versions"] = _util.versions("hqq")
 
 

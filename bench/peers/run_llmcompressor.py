@@ -23,10 +23,8 @@ def run(r: _util.Run) -> None:
 
     a = r.args
     method = a.method or "gptq"
-    ids = r.calib()
-    model = r.load_float()
+    ids, model = r.float_model()
     tok = r.tokenizer()
-    r.save_float_logits(model, ids)
     names = set(_util.decoder_linears(model))
     groups = {"group_0": {"targets": ["Linear"],
                           "weights": {"num_bits": a.bits, "type": "int", "symmetric": True,

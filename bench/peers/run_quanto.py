@@ -19,9 +19,7 @@ def run(r: _util.Run) -> None:
     from optimum.quanto import freeze, quantize
 
     a = r.args
-    ids = r.calib()  # calibration-free: the tokens are only used for the logit checks
-    model = r.load_float()
-    r.save_float_logits(model, ids)
+    ids, model = r.float_model()  # calibration-free: the ids only feed the logit checks
     names = set(_util.decoder_linears(model))
     qtype = getattr(oq, f"qint{a.bits}", None)
     if qtype is None:
@@ -42,11 +40,8 @@ def run(r: _util.Run) -> None:
         weights[name] = w.dequantize().float()
         n += weights[name].numel()
         groups += weights[name].numel() // a.group
-    r.write_dequantized(weights)
-    r.result["computed_bytes"] = _util.codes_bytes(n, groups, a.bits, zeros=True)
-    r.result["symmetric"] = False
-    r.note(f"no saved format written; bytes computed as {a.bits}-bit codes + fp16 scales + fp16 shifts")
-    r.native_check(model, ids)
+    r.finish_unsaved(model, ids, weights, n, groups, zeros=True,
+                     note=f"no saved format written; bytes computed as {a.bits}-bit codes + fp16 scales + fp16 shifts")
     r.result["versions"] = _util.versions("optimum-quanto")
 
 

@@ -17,9 +17,7 @@ def run(r: _util.Run) -> None:
     from torchao.quantization.granularity import PerGroup
 
     a = r.args
-    ids = r.calib()  # calibration-free: the tokens are only used for the logit checks
-    model = r.load_float()
-    r.save_float_logits(model, ids)
+    ids, model = r.float_model()  # calibration-free: the ids only feed the logit checks
     names = set(_util.decoder_linears(model))
     dtype = getattr(torch, f"int{a.bits}")
     config = IntxWeightOnlyConfig(weight_dtype=dtype, granularity=PerGroup(a.group))
@@ -37,17 +35,11 @@ def run(r: _util.Run) -> None:
         zp = getattr(w, "zero_point", None)
         if zp is not None and bool((zp != 0).any()):
             zeros = True
-        for attr in ("qdata", "scale", "zero_point"):
-            t = getattr(w, attr, None)
-            if isinstance(t, torch.Tensor):
-                mem += t.numel() * t.element_size()
-    r.write_dequantized(weights)
-    r.result["computed_bytes"] = _util.codes_bytes(n, groups, a.bits, zeros)
-    r.result["in_memory_bytes"] = mem
-    r.result["symmetric"] = not zeros
-    r.note(f"no saved format written; bytes computed as {a.bits}-bit codes + fp16 scales"
-           f"{' + fp16 zeros' if zeros else ''}; in memory (CPU layout {r.result.get('weight_type')}): {mem} bytes")
-    r.native_check(model, ids)
+        mem += _util.tensor_bytes(*(getattr(w, attr, None) for attr in ("qdata", "scale", "zero_point")))
+    r.finish_unsaved(model, ids, weights, n, groups, zeros, in_memory=mem,
+                     note=f"no saved format written; bytes computed as {a.bits}-bit codes + fp16 scales"
+                          f"{' + fp16 zeros' if zeros else ''}; in memory (CPU layout {r.result.get('weight_type')}): "
+                          f"{mem} bytes")
     r.result["versions"] = _util.versions("torchao")
 
 

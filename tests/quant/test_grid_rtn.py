@@ -50,18 +50,35 @@ def group_sq_err(w: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
     return (w - qw.dequantize()).pow(2).reshape(w.shape[0], -1, gs).sum(-1)
 
 
+SYMMETRY = pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+WIDTHS = pytest.mark.parametrize("bits", BITS)
+
+
+def each_width(test):
+    """Parametrize `test` over every bit width, symmetric and asymmetric."""
+    return SYMMETRY(WIDTHS(test))
+
+
+def each_scheme(test):
+    """Parametrize `test` over every bit width x group size, symmetric and asymmetric."""
+    return SYMMETRY(pytest.mark.parametrize("group_size", GROUPS)(WIDTHS(test)))
+
+
+def rtn32(w: torch.Tensor, bits: int, group_size: int, symmetric: bool, clip: ClipSearch | None = None):
+    """RTN of `w` on the (bits, group_size, symmetric) grid with float32 scales."""
+    return rtn_quantize(w, WeightScheme(bits, group_size, symmetric), clip, scale_dtype=torch.float32)
+
+
 def test_qrange_known_values():
     """Signed code ranges of the supported widths."""
     assert [qrange(b) for b in BITS] == [(-2, 1), (-4, 3), (-8, 7), (-128, 127)]
 
 
-@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
-@pytest.mark.parametrize("group_size", GROUPS)
-@pytest.mark.parametrize("bits", BITS)
+@each_scheme
 def test_rtn_codes_and_half_step_bound(bits, group_size, symmetric):
     """Codes lie in [qmin, qmax] and every weight is within half a step of its reconstruction."""
     w = gaussian()
-    qw = rtn_quantize(w, WeightScheme(bits, group_size, symmetric), scale_dtype=torch.float32)
+    qw = rtn32(w, bits, group_size, symmetric)
     qmin, qmax = qrange(bits)
     n_groups = 1 if group_size == -1 else IN // group_size
     assert qw.q.dtype == torch.int8 and qw.q.shape == (OUT, IN)
@@ -77,12 +94,11 @@ def test_rtn_codes_and_half_step_bound(bits, group_size, symmetric):
     assert (err <= s / 2 * (1 + REL_EPS)).all(), float((err / s).max())
 
 
-@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
-@pytest.mark.parametrize("bits", BITS)
+@each_width
 def test_rtn_grid_is_tight(bits, symmetric):
     """The grid spans each group: asymmetric groups use qmin and qmax, symmetric ones reach |code| = qmax."""
     w = gaussian(1)
-    qw = rtn_quantize(w, WeightScheme(bits, 32, symmetric), scale_dtype=torch.float32)
+    qw = rtn32(w, bits, 32, symmetric)
     qmin, qmax = qrange(bits)
     g = qw.q.reshape(OUT, -1, 32)
     lo, hi = g.min(-1).values, g.max(-1).values
@@ -92,23 +108,21 @@ def test_rtn_grid_is_tight(bits, symmetric):
         assert (lo == qmin).all() and (hi == qmax).all()
 
 
-@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
-@pytest.mark.parametrize("group_size", GROUPS)
-@pytest.mark.parametrize("bits", BITS)
+@each_scheme
 def test_rtn_sqnr_lower_bound(bits, group_size, symmetric):
     """SQNR on Gaussian weights grows ~6 dB per bit: at least 6 * bits - 8 dB at g32, a little less for larger groups."""
     w = gaussian()
-    qw = rtn_quantize(w, WeightScheme(bits, group_size, symmetric), scale_dtype=torch.float32)
+    qw = rtn32(w, bits, group_size, symmetric)
     assert sqnr_db(w, qw.dequantize()) >= 6 * bits - 8 - SQNR_PENALTY[group_size]
 
 
-@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@SYMMETRY
 def test_rtn_sqnr_ordering(symmetric):
     """More bits and smaller groups each strictly raise SQNR; asymmetric beats symmetric per-group."""
     w = gaussian()
 
     def sq(bits: int, gs: int, sym: bool = symmetric) -> float:
-        return sqnr_db(w, rtn_quantize(w, WeightScheme(bits, gs, sym), scale_dtype=torch.float32).dequantize())
+        return sqnr_db(w, rtn32(w, bits, gs, sym).dequantize())
 
     for gs in GROUPS:
         per_bit = [sq(b, gs) for b in BITS]
@@ -134,8 +148,7 @@ def test_rtn_is_nearest_grid_point():
     assert qa.q.tolist() == [[-2, -1, -1, -1, 0, 1]]
 
 
-@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
-@pytest.mark.parametrize("bits", BITS)
+@each_width
 def test_clip_search_never_worse_per_group(bits, symmetric):
     """MSE clip search never raises any group's squared error; on Student-t weights it lowers the total."""
     w = student_t()
@@ -161,14 +174,13 @@ def test_clip_search_disabled_is_plain_rtn():
     assert torch.equal(a.q, b.q) and torch.equal(a.scale, b.scale) and torch.equal(a.zero_point, b.zero_point)
 
 
-@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
-@pytest.mark.parametrize("bits", BITS)
+@each_width
 def test_all_zero_group(bits, symmetric):
     """An all-zero group (and an all-zero weight) reconstructs to exactly zero with finite scales."""
     w = gaussian(3, 8, 128)
     w[2, 32:64] = 0.0
     for clip in (None, ClipSearch(enabled=True)):
-        qw = rtn_quantize(w, WeightScheme(bits, 32, symmetric), clip, scale_dtype=torch.float32)
+        qw = rtn32(w, bits, 32, symmetric, clip)
         w_hat = qw.dequantize()
         assert torch.isfinite(qw.scale).all() and (qw.scale > 0).all()
         assert torch.isfinite(w_hat).all()
@@ -177,8 +189,7 @@ def test_all_zero_group(bits, symmetric):
         assert torch.equal(zeros, torch.zeros(4, 64))
 
 
-@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
-@pytest.mark.parametrize("bits", BITS)
+@each_width
 def test_bf16_scales(bits, symmetric):
     """bf16 scales are stored as bf16 and dequantize is (q - z) * s computed in float32, exactly."""
     w = gaussian(4)
@@ -192,8 +203,7 @@ def test_bf16_scales(bits, symmetric):
     assert torch.equal(qw.dequantize(torch.bfloat16), expected.to(torch.bfloat16))
 
 
-@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
-@pytest.mark.parametrize("bits", BITS)
+@each_width
 def test_bf16_scales_error_bound(bits, symmetric):
     """With bf16 scales unclamped codes stay within half a step; rounding the scale clips the ends by < 1 step."""
     w = gaussian(5)

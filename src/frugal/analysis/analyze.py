@@ -12,8 +12,8 @@ format F0 and predicts KL(L, F) = c_L * P(L, F) for the others; the rank correla
 that prediction against the measurement on the other measured formats says whether the proxy can be
 trusted. Allocation (frugal.analysis.allocate) uses measured KL where there is one, the prediction elsewhere.
 
-`method="gptq"` measures what the compression will do: integer and GGML candidates are rounded by
-GPTQ with the layer's Hessian (from `hessian_samples`, the compression's own calibration, when given,
+A method whose registry record needs Hessians (`method="gptq"`) measures what the compression will
+do: integer and GGML candidates are rounded by GPTQ with the layer's Hessian (from `hessian_samples`, the compression's own calibration, when given,
 so that GPTQ is not fitted to the tokens the KL is measured on), not to nearest. GPTQ repairs low-bit
 grids more than high-bit ones, so RTN damage misallocates bits for a GPTQ compression.
 """
@@ -31,12 +31,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from frugal.config import WeightScheme
+from frugal.compression import methods
 from frugal.errors import FrugalError
+from frugal.families import final_modules
 
 log = logging.getLogger(__name__)
 ANALYSIS_VERSION = 1
-# final norm (and projection) before the output head, per family: data, not code paths
-FINAL = ("model.norm", "model.decoder.final_layer_norm", "model.decoder.project_out")
+# final norm (and projection) before the output head, of every family (FamilyRecord.final)
+FINAL = final_modules()
 
 
 @dataclass(frozen=True)
@@ -74,18 +76,14 @@ class Candidate:
 
     def nbytes(self, out_f: int, in_f: int) -> int:
         """Stored bytes of an (out, in) weight: codes plus fp16 scales (and zero points)."""
+        from frugal.quant import sizes
+
         if self.scheme is not None:
             s = self.scheme
-            groups = 1 if s.group_size == -1 else in_f // s.group_size
-            bits = out_f * in_f * s.bits + out_f * groups * (16 + (0 if s.symmetric else s.bits))
-            return (bits + 7) // 8
+            return sizes.packed_bytes(out_f, in_f, s.bits, s.group_size, s.symmetric, 2, layout="dense")
         if self.ggml:
-            from frugal.quant.ggml import TYPES
-
-            return out_f * in_f // TYPES[self.ggml].block * TYPES[self.ggml].nbytes
-        from frugal.quant.floats import bits_per_weight
-
-        return int(round(out_f * in_f * bits_per_weight(self.float_fmt, in_f) / 8))
+            return sizes.ggml_bytes(self.ggml, out_f, in_f)
+        return sizes.float_format_bytes(self.float_fmt, out_f, in_f)
 
 
 def parse_candidate(text: str) -> Candidate:
@@ -172,12 +170,14 @@ class TailRunner:
     @torch.no_grad()
     def kl_from(self, b: int) -> float:
         """Mean KL(original || current model) per token, re-running blocks b.. on cached inputs."""
+        from frugal.evaluation.divergence import kl_sum
+
         total, count = 0.0, 0
         for s, x in enumerate(self.inputs[b]):
             for i in range(b, len(self.blocks)):
                 x = self.run_block(self.blocks[i], x, self.args, self.kwargs[i])
             lp = F.log_softmax(self.head(x)[0].float(), dim=-1)
-            total += float((self.ref[s].exp() * (self.ref[s] - lp)).sum())
+            total += kl_sum(self.ref[s], lp)
             count += lp.shape[0]
         return max(total / count, 0.0)  # float32 round-off can make a tiny KL negative
 
@@ -250,8 +250,8 @@ def analyze(model: nn.Module, samples: torch.Tensor, candidates: list[str], meas
             hessian_samples: torch.Tensor | None = None, gptq: Any = None) -> Analysis:
     """Proxy for every (layer, candidate); measured KL for measure[0] on every layer (it fits c_L) and
     for the other `measure` candidates on every `check_every`-th layer (they check the prediction).
-    `method` "gptq" quantizes the candidates with GPTQ (options `gptq`, Hessians from `hessian_samples`
-    when given, else from `samples`)."""
+    A `method` whose registry record needs Hessians (gptq) quantizes the candidates with GPTQ (options
+    `gptq`, Hessians from `hessian_samples` when given, else from `samples`); others round to nearest."""
     from frugal.load.blocks import block_linears, find_blocks
 
     cands = {c: parse_candidate(c) for c in candidates}
@@ -263,14 +263,13 @@ def analyze(model: nn.Module, samples: torch.Tensor, candidates: list[str], meas
     t0 = time.perf_counter()
     all_layers = {n: l for d in per_block for n, l in d.items()}
     runner = TailRunner(model, samples, all_layers)
-    if method == "gptq":
+    hessian_aware = methods.get(method, "analyze: method").needs_hessian
+    if hessian_aware:
         from frugal.config import GPTQOptions
 
         gptq = gptq or GPTQOptions()
         if hessian_samples is not None:
             runner.hessians = model_hessians(model, hessian_samples, all_layers)
-    elif method != "rtn":
-        raise FrugalError(f"analyze: method {method!r} (known: rtn, gptq)")
     t1 = time.perf_counter()
     layers: list[LayerSensitivity] = []
     bar = tqdm(total=sum(len(d) for d in per_block), desc="analyze: layers", unit="layer")
@@ -278,14 +277,14 @@ def analyze(model: nn.Module, samples: torch.Tensor, candidates: list[str], meas
         for name, lin in d.items():
             check = len(layers) % check_every == 0
             layers.append(_one_layer(name, lin, cands, measure if check else measure[:1], runner, b,
-                                     gptq if method == "gptq" else None))
+                                     gptq if hessian_aware else None))
             bar.update()
     bar.close()
     _amplify(layers, measure[0])
     seconds = {"cache_and_hessians": t1 - t0, "layers": time.perf_counter() - t1}
     calib = {"num_samples": samples.shape[0], "seq_len": samples.shape[1], "check_every": check_every,
              "method": method}
-    if hessian_samples is not None and method == "gptq":
+    if hessian_samples is not None and hessian_aware:
         calib["hessian_samples"] = list(hessian_samples.shape)
     return Analysis(ANALYSIS_VERSION, list(cands), list(measure), layers, _agreement(layers, measure), seconds,
                     calib)
@@ -344,11 +343,12 @@ def cached_analyze(model: nn.Module, source, samples: torch.Tensor, candidates: 
     from frugal.load.model import cache_dir
 
     key = [ANALYSIS_VERSION, source_identity(source), candidates, measure, list(ignore)]
-    if method != "rtn":  # RTN keys stay as they were, so earlier caches remain valid
+    hessian_aware = methods.get(method, "analyze: method").needs_hessian
+    if hessian_aware:  # round-to-nearest keys stay as they were, so earlier caches remain valid
         key += [method, dataclasses.asdict(gptq) if gptq is not None else None]
     h = hashlib.sha256(json.dumps(key).encode())
     h.update(samples.numpy().tobytes())
-    if method != "rtn" and hessian_samples is not None:
+    if hessian_aware and hessian_samples is not None:
         h.update(hessian_samples.numpy().tobytes())
     path = cache_dir() / "analysis" / f"{h.hexdigest()[:24]}.json"
     if path.is_file():

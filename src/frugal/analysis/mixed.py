@@ -80,10 +80,12 @@ def measured_kl(reference, model, samples) -> float:
     """Mean KL(reference || model) per token on (n, seq) token ids, one sequence at a time."""
     import torch.nn.functional as F
 
+    from frugal.evaluation.divergence import kl_sum
+
     total, count = 0.0, 0
     for ids in samples:
         ref = F.log_softmax(reference(ids[None], use_cache=False).logits[0].float(), dim=-1)
         lp = F.log_softmax(model(ids[None], use_cache=False).logits[0].float(), dim=-1)
-        total += float((ref.exp() * (ref - lp)).sum())
+        total += kl_sum(ref, lp)
         count += ids.numel()
     return max(total / count, 0.0)

@@ -47,18 +47,19 @@ from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
 from frugal.errors import FrugalError
+from frugal.families import FAMILIES
+from frugal.evaluation.divergence import kl_sum, kl_top1
 
 log = logging.getLogger(__name__)
 OP_SENSITIVITY_VERSION = 1
 CLASSES = ("attn_linear", "scores", "softmax", "attn_output", "mlp_linear", "mlp_act", "norm", "residual")
 FORMAT_ALIASES = {"float16": "fp16", "bfloat16": "bf16"}
 DEFAULT_FORMATS = ("bfloat16", "float16", "fp8_e4m3", "fp8_e5m2")
-# Module roles that type names do not reveal, per config.model_type: role -> attribute names in a block.
+# Module roles that type names do not reveal, per config.model_type: role -> attribute names in a block,
+# read from each family's record (FamilyRecord.roles in frugal.families).
 # Elsewhere: type name with "Attention" -> attention, "MLP"/"FeedForward" -> mlp, "Norm" -> norm; a
 # Linear under attention/mlp -> attn_linear/mlp_linear; an activation module under mlp -> mlp_act.
-FAMILY_ROLES: dict[str, dict[str, tuple[str, ...]]] = {
-    "opt": {"mlp_linear": ("fc1", "fc2"), "mlp_act": ("activation_fn",)},
-}
+FAMILY_ROLES: dict[str, dict[str, tuple[str, ...]]] = {mt: dict(r.roles) for mt, r in FAMILIES.items() if r.roles}
 ACTIVATION_MODULES = ("transformers.activations", "torch.nn.modules.activation")
 MODULE_CLASSES = ("attn_linear", "mlp_linear", "mlp_act", "norm")  # rounded in post hooks
 
@@ -103,12 +104,6 @@ def round_to_format(x: torch.Tensor, fmt: str) -> torch.Tensor:
         rows = F.pad(rows, (0, pad))  # zeros change no block's amax
     q = fake_quantize(rows, fmt)[:, : x.shape[-1]]
     return q.reshape(x.shape).to(x.dtype)
-
-
-def kl_top1(lp_ref: torch.Tensor, lp: torch.Tensor) -> tuple[float, int]:
-    """(sum over positions of KL(p_ref || p), positions with the same argmax) for (L, V) log-probs."""
-    kl = float((lp_ref.exp() * (lp_ref - lp)).sum(dtype=torch.float64))
-    return kl, int((lp_ref.argmax(-1) == lp.argmax(-1)).sum())
 
 
 def row_rel_error(r: torch.Tensor, y: torch.Tensor) -> tuple[float, int, int]:
@@ -367,7 +362,7 @@ def _run(model, samples, rounding: OpRounding, head: _HeadInput, ref=None) -> tu
             lps.append(lp)
             hs.append(head.h)
             continue
-        kl, agree = kl_top1(ref[0][s], lp)
+        kl, agree = kl_top1(ref[0][s], lp, torch.float64)
         acc.kl, acc.agree, acc.positions = acc.kl + kl, acc.agree + agree, acc.positions + lp.shape[0]
         e, n, _ = row_rel_error(head.h, ref[1][s])
         acc.rel_sq, acc.rows = acc.rel_sq + e, acc.rows + n
@@ -456,5 +451,5 @@ def _tail_kl(runner, b: int, ref: list[torch.Tensor]) -> float:
         for i in range(b, len(runner.blocks)):
             x = runner.run_block(runner.blocks[i], x, runner.args, runner.kwargs[i])
         lp = F.log_softmax(runner.head(x)[0].double(), dim=-1)
-        kl, positions = kl + kl_top1(ref[s], lp)[0], positions + lp.shape[0]
+        kl, positions = kl + kl_sum(ref[s], lp, torch.float64), positions + lp.shape[0]
     return max(kl / positions, 0.0)

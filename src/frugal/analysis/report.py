@@ -13,7 +13,7 @@ def heatmap_svg(a: Analysis, path: Path) -> None:
     """log10 of each layer's damage (measured KL, else c_L x proxy) per candidate; deterministic bytes."""
     import numpy as np
 
-    from frugal.report.html import _SVG_METADATA, _figure, _style
+    from frugal.report.charts import SVG_METADATA, new_figure, plot_style
 
     cands = a.candidates
     grid = np.full((len(a.layers), len(cands)), np.nan)
@@ -21,8 +21,8 @@ def heatmap_svg(a: Analysis, path: Path) -> None:
         for j, c in enumerate(cands):
             if c in ls.proxy:
                 grid[i, j] = math.log10(max(ls.damage(c), 1e-12))
-    with _style():
-        fig = _figure(1.2 + 0.55 * len(cands), 1.5 + 0.09 * len(a.layers))
+    with plot_style():
+        fig = new_figure(1.2 + 0.55 * len(cands), 1.5 + 0.09 * len(a.layers))
         ax = fig.add_subplot()
         im = ax.imshow(grid, aspect="auto", cmap="magma_r", interpolation="nearest")
         ax.set_xticks(range(len(cands)), cands, rotation=45, ha="right")
@@ -32,7 +32,7 @@ def heatmap_svg(a: Analysis, path: Path) -> None:
         ax.grid(False)
         ax.set_title("damage of quantizing one layer: log10 KL (nats/token)")
         fig.colorbar(im, ax=ax, shrink=0.6)
-        fig.savefig(path, format="svg", metadata=_SVG_METADATA)
+        fig.savefig(path, format="svg", metadata=SVG_METADATA)
 
 
 def format_table(a: Analysis) -> tuple[list[str], list[tuple]]:

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from frugal.compression import methods, transforms
 from frugal.compression.result import LayerReport
 from frugal.compression.hooks import HessianHooks, capture_block_inputs, run_block
-from frugal.compression.transforms import BlockContext, Place
+from frugal.compression.transforms.base import BlockContext, Place
 from frugal.load.blocks import block_linears, find_blocks, outside_linears
 from frugal.config import Recipe
 from frugal.errors import FrugalError

@@ -8,8 +8,9 @@ same tensor.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -50,27 +51,34 @@ def split_hidden(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]:
     return kwargs.pop("hidden_states"), (), kwargs
 
 
-@torch.no_grad()
-def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, samples: torch.Tensor) -> BlockInputs:
-    """Run the model on (n, seq) token ids far enough to record every block's call arguments."""
-    calls: list[dict] = [{} for _ in blocks]
-    first: dict[str, Any] = {}
+@contextlib.contextmanager
+def recording_calls(blocks: nn.ModuleList) -> Iterator[list]:
+    """While open, each call of block i stores (hidden states, positional args after them, keyword
+    args), detached, in the yielded list's slot i (None until the block is called). The one way frugal
+    records block calls: the engines, the streaming skeleton and the per-block evaluation use it."""
+    calls: list = [None] * len(blocks)
 
     def probe(i: int):
         def hook(_mod, args, kwargs):
             hidden, rest, kw = split_hidden(args, kwargs)
-            calls[i] = detach(kw)
-            if i == 0:
-                first["hidden"], first["args"] = hidden.detach().clone(), detach(rest)
+            calls[i] = (hidden.detach(), detach(rest), detach(kw))
         return hook
 
     handles = [b.register_forward_pre_hook(probe(i), with_kwargs=True) for i, b in enumerate(blocks)]
     try:
-        model(samples[:1], use_cache=False)  # one full pass records every block's kwargs
+        yield calls
     finally:
-        for h in handles:
-            h.remove()
-    hidden = [first["hidden"]]
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, samples: torch.Tensor) -> BlockInputs:
+    """Run the model on (n, seq) token ids far enough to record every block's call arguments."""
+    with recording_calls(blocks) as calls:
+        model(samples[:1], use_cache=False)  # one full pass records every block's call
+    first_hidden, first_args, _ = calls[0]
+    hidden = [first_hidden.clone()]
 
     def stop_at_first(_mod, args, kwargs):
         hidden.append(split_hidden(args, kwargs)[0].detach().clone())
@@ -85,7 +93,7 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, samples: torch
                 pass
     finally:
         handle.remove()
-    return BlockInputs(hidden=hidden, args=first["args"], kwargs_per_block=calls)
+    return BlockInputs(hidden=hidden, args=first_args, kwargs_per_block=[c[2] if c else {} for c in calls])
 
 
 def run_block(block: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:

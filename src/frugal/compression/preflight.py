@@ -8,7 +8,7 @@ No weight is read. The estimate is a sum of the pieces the code holds at its pea
 plus the temporaries of quantizing the largest layer. `base` is what Python, torch and transformers
 occupy before any weight (measured: ~370 MB on CPU). Weights are counted as float32, the dtype frugal
 loads them in. Hessians count one float64 accumulator and one float32 copy per linear layer, an upper
-bound (layers fed the same input share one accumulator). Measured against ru_maxrss: streaming within
+bound (layers fed the same input share one accumulator). Measured against peak_rss_bytes: streaming within
 10% above, in memory within 40% (tests/test_preflight.py, docs/benchmarks.md).
 """
 
@@ -157,19 +157,45 @@ def _quantized(name: str, t: TensorInfo, in_block: bool, ignore: tuple[str, ...]
 def estimate(model_dir: str | Path, recipe: Any = None, n_samples: int | None = None,
              seq_len: int | None = None) -> Estimate:
     """Memory and disk of compressing `model_dir` with `recipe` (default Recipe), from headers only."""
+    directory = Path(model_dir)
+    return estimate_tensors(checkpoint_tensors(directory), _hidden_size(_text_config(directory), directory),
+                            recipe, n_samples, seq_len)
+
+
+TORCH_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
+                "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
+                "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}
+
+
+def model_tensors(model: Any) -> dict[str, TensorInfo]:
+    """The tensors of a loaded model as a checkpoint would list them (tied tensors once, under their
+    first name), for `estimate_tensors` when there are no safetensors headers to read."""
+    out: dict[str, TensorInfo] = {}
+    seen: set[int] = set()
+    for name, t in model.state_dict().items():
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen and t.numel():
+            continue
+        seen.add(ptr)
+        dtype = TORCH_DTYPES.get(str(t.dtype).removeprefix("torch."), "F32")
+        out[name] = TensorInfo(dtype, tuple(t.shape), "", (0, 0))
+    return out
+
+
+def estimate_tensors(tensors: dict[str, TensorInfo], hidden: int, recipe: Any = None, n_samples: int | None = None,
+                     seq_len: int | None = None, quantized: set[str] | None = None) -> Estimate:
+    """`estimate` from a tensor listing (checkpoint_tensors or model_tensors) and the hidden size.
+    `quantized`: the layer names to count as quantized, instead of the recipe's rule (_quantized)."""
     from frugal.compression import methods
     from frugal.compression.transforms import float_targets
     from frugal.config import Recipe
     from frugal.quant.sizes import packed_bytes, scale_bytes
 
-    directory = Path(model_dir)
     recipe = recipe or Recipe()
     method = methods.get(recipe.method)
     n = recipe.calibration.num_samples if n_samples is None else n_samples
     seq = recipe.calibration.seq_len if seq_len is None else seq_len
-    tensors = checkpoint_tensors(directory)
     prefix, n_blocks = block_list(list(tensors))
-    hidden = _hidden_size(_text_config(directory), directory)
     blocks = [0] * n_blocks
     hess = [0] * n_blocks
     outside = output = 0
@@ -181,7 +207,8 @@ def estimate(model_dir: str | Path, recipe: Any = None, n_samples: int | None = 
             blocks[int(m.group(1))] += nbytes
         else:
             outside += nbytes
-        if not _quantized(name, t, m is not None, recipe.ignore):
+        if not (_quantized(name, t, m is not None, recipe.ignore) if quantized is None
+                else name.endswith(".weight") and name[: -len(".weight")] in quantized and len(t.shape) == 2):
             output += nbytes
             continue
         s = recipe.scheme_for(name[: -len(".weight")])
@@ -269,7 +296,8 @@ def available_ram_bytes(meminfo: Path = Path("/proc/meminfo"), proc: Path = Path
 
 def peak_rss_bytes() -> int:
     """This process's peak resident size (VmHWM). Not ru_maxrss: a child started by fork/vfork + exec
-    reports at least its parent's resident size there (Linux keeps it across exec)."""
+    reports at least its parent's resident size there (Linux keeps it across exec). ru_maxrss only
+    where /proc is absent. The one peak-memory measurement of frugal (streaming, eval --speed)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):

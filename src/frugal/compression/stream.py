@@ -33,7 +33,7 @@ from frugal.atomic import check_output_dir, publish_modes, replace_dir
 from frugal.calibrate import for_recipe
 from frugal.compression import methods, transforms
 from frugal.compression.engine import quantize_block, quantize_outside
-from frugal.compression.hooks import Stop, detach, split_hidden
+from frugal.compression.hooks import Stop, recording_calls, split_hidden
 from frugal.compression.plan import check_plan
 from frugal.compression.preflight import available_ram_bytes, estimate, read_header
 from frugal.compression.result import CompressionReport, layer_reports
@@ -72,32 +72,31 @@ def record_calls(model: nn.Module, blocks: nn.ModuleList, samples: torch.Tensor,
     first sample in which every block only records its call and passes its input through; with a
     `sink`, block 0's input of every sample, in order, goes to it. No block computes anything."""
 
-    calls: list[dict] = [{} for _ in blocks]
-    first: dict[str, Any] = {}
     state = {"all": True}
 
     def make(i: int):
         def forward(*args, **kwargs):
-            hidden, rest, kw = split_hidden(args, kwargs)
-            if state["all"]:
-                calls[i] = detach(kw)
-            if i == 0:
-                first.setdefault("args", detach(rest))
-                if sink is not None:
-                    sink(hidden.detach().clone())  # (1, seq, hidden)
+            hidden = split_hidden(args, kwargs)[0]
+            if i == 0 and sink is not None:
+                sink(hidden.detach().clone())  # (1, seq, hidden)
             if i == len(blocks) - 1 or not state["all"]:
                 raise Stop
             return hidden
         return forward
 
+    def run(j: int) -> None:
+        try:
+            model(samples[j : j + 1], use_cache=False)
+        except Stop:
+            pass
+
     with _forwards(blocks, make):
-        for j in range(samples.shape[0] if sink is not None else 1):
-            state["all"] = j == 0
-            try:
-                model(samples[j : j + 1], use_cache=False)
-            except Stop:
-                pass
-    return first["args"], calls
+        with recording_calls(blocks) as calls:  # the first sample: every block's call
+            run(0)
+        state["all"] = False
+        for j in range(1, samples.shape[0] if sink is not None else 1):
+            run(j)
+    return calls[0][1], [c[2] if c else {} for c in calls]
 
 
 def _replay(blocks: nn.ModuleList, outputs: Sequence[torch.Tensor], returns_tuple: bool):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from frugal.load.blocks import find_blocks
-from frugal.compression.hooks import run_block, split_hidden
+from frugal.compression.hooks import recording_calls, run_block
 
 
 @torch.no_grad()
@@ -19,23 +19,17 @@ def block_errors(model, ref, ids: torch.Tensor) -> list[dict]:
     _, blocks = find_blocks(model)
     if len(blocks) != len(ref_blocks):
         raise ValueError(f"{len(blocks)} blocks vs {len(ref_blocks)} in the reference")
-    calls: list[tuple] = [None] * len(ref_blocks)
     outs: list[torch.Tensor] = [None] * len(ref_blocks)
-
-    def pre(i):
-        def hook(_m, args, kwargs):
-            calls[i] = split_hidden(args, kwargs)
-        return hook
 
     def post(i):
         def hook(_m, _args, _kwargs, out):
             outs[i] = out[0] if isinstance(out, (tuple, list)) else out
         return hook
 
-    handles = [b.register_forward_pre_hook(pre(i), with_kwargs=True) for i, b in enumerate(ref_blocks)]
-    handles += [b.register_forward_hook(post(i), with_kwargs=True) for i, b in enumerate(ref_blocks)]
+    handles = [b.register_forward_hook(post(i), with_kwargs=True) for i, b in enumerate(ref_blocks)]
     try:
-        ref(ids.to(next(ref.parameters()).device), use_cache=False)
+        with recording_calls(ref_blocks) as calls:
+            ref(ids.to(next(ref.parameters()).device), use_cache=False)
     finally:
         for h in handles:
             h.remove()

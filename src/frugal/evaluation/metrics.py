@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from frugal.calibrate import tokenize_text, uses_bos
 from frugal.errors import FrugalError
+from frugal.evaluation.divergence import kl_top1
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +83,9 @@ def evaluate(models: dict[str, Any], tokenizer, protocol: Protocol, ref: Any | N
             lp, targets = _logprobs(model, w, bos)
             nll[name] -= lp.gather(1, targets[:, None]).sum().item()
             if ref_lp is not None:
-                kl[name] += (ref_lp.exp() * (ref_lp - lp)).sum().item()
-                agree[name] += (ref_lp.argmax(-1) == lp.argmax(-1)).sum().item()
+                k, a = kl_top1(ref_lp, lp)
+                kl[name] += k
+                agree[name] += a
         count += targets.numel()
     results = []
     for name in everyone:

@@ -25,16 +25,12 @@ def saved_bytes(directory: str | Path) -> int:
 
 def compression_estimate(model: nn.Module, layers: dict[str, nn.Linear], scheme: WeightScheme,
                          samples: int, seq_len: int) -> dict[str, int]:
-    """Output size and peak memory of compressing `layers` of `model` with GPTQ."""
-    total = model_bytes(model)
-    linear = sum(l.weight.numel() * l.weight.element_size() for l in layers.values())
-    quant = 0
-    for l in layers.values():
-        gs = l.in_features if scheme.group_size == -1 else scheme.group_size
-        quant += l.weight.numel() * scheme.bits / 8 + l.weight.numel() / gs * l.weight.element_size()
+    """Output size and peak memory of compressing `layers` of a loaded `model` with GPTQ: the
+    pre-flight estimate (frugal.compression.preflight.estimate_tensors) of its tensors, for models
+    without safetensors headers to read."""
+    from frugal.compression.preflight import estimate_tensors, model_tensors
+    from frugal.config import Recipe
+
     hidden = model.get_input_embeddings().weight.shape[1]
-    acts = 2 * samples * seq_len * hidden * 4  # inputs and outputs of one block, float32
-    widest = max(l.in_features for l in layers.values())
-    hessians = 3 * widest * widest * 8  # accumulators and their float32 copies
-    codes = sum(l.weight.numel() for l in layers.values())  # int8 codes kept for export
-    return {"output_bytes": int(total - linear + quant), "peak_bytes": int(total + acts + hessians + codes)}
+    est = estimate_tensors(model_tensors(model), hidden, Recipe(weights=scheme), samples, seq_len, set(layers))
+    return {"output_bytes": est.output_bytes, "peak_bytes": est.in_memory_ram_bytes}

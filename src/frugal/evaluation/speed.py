@@ -1,19 +1,21 @@
 """Speed and memory of a model in frugal's torch path: prefill and decode tokens/s, time to first
 token, peak resident memory. Run `python -m frugal.evaluation.speed MODEL` for a clean process per model, so
-peak RSS belongs to that model alone.
+peak RSS belongs to that model alone (VmHWM, frugal.compression.preflight.peak_rss_bytes: ru_maxrss would
+report at least the parent's peak, which holds every model).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import sys
 import time
 from dataclasses import dataclass
 
 import torch
+
+from frugal.compression.preflight import peak_rss_bytes  # VmHWM: this process's own peak, not its parent's
 
 
 @dataclass(frozen=True)
@@ -61,10 +63,6 @@ def measure(model, protocol: SpeedProtocol = SpeedProtocol(), seed: int = 0) -> 
         "ttft_s": _spread(prefill),
         "threads": torch.get_num_threads(),
     }
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def main(argv: list[str] | None = None) -> int:

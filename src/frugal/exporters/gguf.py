@@ -21,19 +21,12 @@ import numpy as np
 import torch
 
 from frugal.errors import FrugalError
+from frugal.families import FamilyRecord, family, supporting
 from frugal.quant.ggml import GGMLWeight, fp16, make_grid, pack
 from frugal.quant.grid import QuantizedWeight
 
 log = logging.getLogger(__name__)
 
-# Hugging Face model_type -> GGUF architecture and the conversions llama.cpp expects.
-ARCHS: dict[str, dict[str, Any]] = {
-    "llama": {"arch": "llama", "permute_qk": True},
-    "mistral": {"arch": "llama", "permute_qk": True},
-    "qwen2": {"arch": "qwen2"},
-    "qwen3": {"arch": "qwen3"},
-    "gemma3_text": {"arch": "gemma3", "norm_plus_one": True},
-}
 FILE_NAME = "model.gguf"
 
 
@@ -42,24 +35,26 @@ def _text_config(model):
     return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
 
 
-def arch_of(model) -> dict[str, Any]:
+def arch_of(model) -> FamilyRecord:
+    """The family record (with its GGUF architecture, `FamilyRecord.gguf`) of the model's text config."""
     mt = _text_config(model).model_type
-    if mt not in ARCHS:
-        raise FrugalError(f"--format gguf: architecture '{mt}' is not supported (supported: {', '.join(ARCHS)})")
-    return ARCHS[mt]
+    record = family(mt)
+    if record is None or record.gguf is None:
+        raise FrugalError(f"--format gguf: architecture '{mt}' is not supported "
+                          f"(supported: {', '.join(supporting('gguf'))})")
+    return record
 
 
 def check(model, recipe) -> None:
     """Refuse what GGUF export cannot write, before any compression work."""
     cfg = _text_config(model)
-    arch_of(model)
+    arch = arch_of(model).gguf
     scaling = getattr(cfg, "rope_scaling", None) or {}
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    allowed = ("default", "linear") if cfg.model_type == "gemma3_text" else ("default",)
-    if rope_type not in allowed:
+    if rope_type not in arch.rope_types:
         raise FrugalError(f"--format gguf: rope scaling '{rope_type}' of {cfg.model_type} is not supported")
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    if cfg.model_type == "gemma3_text" and cfg.query_pre_attn_scalar != head_dim:
+    if arch.scale_from_head_dim and cfg.query_pre_attn_scalar != head_dim:
         raise FrugalError(f"--format gguf: gemma3 query_pre_attn_scalar={cfg.query_pre_attn_scalar} differs from "
                           f"head_dim={head_dim}; llama.cpp derives the attention scale from head_dim")
     if not recipe.gguf_type:
@@ -113,14 +108,15 @@ def _rel(stored: torch.Tensor, ref: torch.Tensor) -> dict:
     return {"exact": err == 0.0, "rel_error": err}
 
 
-def _gguf_tensor(hf_name: str, t: torch.Tensor, qw, arch: dict, cfg, float_type: str = "F16") -> tuple[np.ndarray, Any, dict]:
+def _gguf_tensor(hf_name: str, t: torch.Tensor, qw, fam: FamilyRecord, cfg,
+                 float_type: str = "F16") -> tuple[np.ndarray, Any, dict]:
     """(data, raw GGML type or None for a plain float array, record) of one state-dict tensor; the
     record gives the stored type and its error against frugal's weights (before any row reordering)."""
     import gguf
 
     module = hf_name.rsplit(".", 1)[0]
     idx = None
-    if arch.get("permute_qk") and module.endswith(("q_proj", "k_proj")):
+    if fam.gguf.permute_qk and module.endswith(("q_proj", "k_proj")):
         heads = cfg.num_attention_heads if module.endswith("q_proj") else cfg.num_key_value_heads
         idx = _permute_rows(heads, t.shape[0])
     if qw is not None:
@@ -134,25 +130,26 @@ def _gguf_tensor(hf_name: str, t: torch.Tensor, qw, arch: dict, cfg, float_type:
     record = {"type": "F16" if half else "F32", **_rel(data, t)}
     if idx is not None:
         data = data[idx]
-    if arch.get("norm_plus_one") and hf_name.endswith("norm.weight"):
-        data = data + 1.0  # Gemma's RMSNorm scales by (1 + w); llama.cpp stores 1 + w
+    if fam.norm.offset and hf_name.endswith("norm.weight"):
+        data = data + fam.norm.offset  # Gemma's RMSNorm scales by (1 + w); llama.cpp stores 1 + w
     return data.numpy(), None, record
 
 
-def _tensors(model, quantized: dict, arch: dict, cfg, float_type: str = "F16") -> list[tuple[str, np.ndarray, Any, dict]]:
+def _tensors(model, quantized: dict, fam: FamilyRecord, cfg,
+             float_type: str = "F16") -> list[tuple[str, np.ndarray, Any, dict]]:
     """(GGUF name, data, raw type, record for frugal.json) for every tensor of the model."""
     import gguf
 
     from frugal.exporters.hf import dedupe_tied
 
-    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch["arch"].upper()), cfg.num_hidden_layers)
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, fam.gguf.arch.upper()), cfg.num_hidden_layers)
     out = []
     for hf_name, t in dedupe_tied(dict(model.state_dict())).items():
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise FrugalError(f"--format gguf: no GGUF name for tensor {hf_name}")
         qw = quantized.get(hf_name.rsplit(".", 1)[0]) if hf_name.endswith(".weight") else None
-        out.append((name, *_gguf_tensor(hf_name, t, qw, arch, cfg, float_type)))
+        out.append((name, *_gguf_tensor(hf_name, t, qw, fam, cfg, float_type)))
     return out
 
 
@@ -167,7 +164,7 @@ def _rope_theta(cfg, layer_type: str = "full_attention") -> float:
     return float(params.get("rope_theta", 10000.0))
 
 
-def _add_hparams(w, cfg, arch: dict) -> None:
+def _add_hparams(w, cfg, arch: str) -> None:
     """The architecture block of the GGUF header, from the Hugging Face config."""
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     w.add_context_length(cfg.max_position_embeddings)
@@ -182,11 +179,11 @@ def _add_hparams(w, cfg, arch: dict) -> None:
     w.add_rope_freq_base(_rope_theta(cfg))
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_vocab_size(cfg.vocab_size)
-    if arch["arch"] == "gemma3":
+    if arch == "gemma3":
         w.add_sliding_window(cfg.sliding_window)
         w.add_sliding_window_pattern([t == "sliding_attention" for t in cfg.layer_types])
         w.add_rope_freq_base_swa(_rope_theta(cfg, "sliding_attention"))
-    elif getattr(cfg, "sliding_window", None) and arch["arch"] == "llama":
+    elif getattr(cfg, "sliding_window", None) and arch == "llama":
         log.warning("sliding_window=%s is not stored in GGUF llama metadata; llama.cpp attends to the full context",
                     cfg.sliding_window)
 
@@ -201,8 +198,9 @@ def _copy_tokenizer(w, source: Path) -> None:
             w.add_key_value(key, f.contents(), f.types[0], sub_type=sub)
 
 
-def _add_tokenizer(w, tokenizer, n_vocab: int, model_type: str) -> None:
-    """Vocabulary, scores, token types, merges and special tokens from a Hugging Face tokenizer."""
+def _add_tokenizer(w, tokenizer, n_vocab: int, pre: str) -> None:
+    """Vocabulary, scores, token types, merges and special tokens from a Hugging Face tokenizer; `pre`
+    is the family's tokenizer.ggml.pre, written for BPE tokenizers."""
     import gguf
     from gguf.vocab import BpeVocab, LlamaHfVocab, SentencePieceVocab, SpecialVocab
 
@@ -224,7 +222,7 @@ def _add_tokenizer(w, tokenizer, n_vocab: int, model_type: str) -> None:
             tokens.append(f"[PAD{i}]".encode()), scores.append(-1000.0), types.append(gguf.TokenType.UNUSED)
         w.add_tokenizer_model(vocab.tokenizer_model)
         if vocab.tokenizer_model == "gpt2":
-            w.add_tokenizer_pre({"qwen2": "qwen2", "qwen3": "qwen2"}.get(model_type, "default"))
+            w.add_tokenizer_pre(pre)
         w.add_token_list(tokens[:n_vocab])
         w.add_token_scores(scores[:n_vocab])
         w.add_token_types(types[:n_vocab])
@@ -253,17 +251,17 @@ def write_gguf(path: Path, model, tokenizer, quantized: dict, source: str = "", 
     import gguf
 
     cfg = _text_config(model)
-    arch = arch_of(model)
-    tensors = sorted(_tensors(model, quantized, arch, cfg, float_type), key=_tensor_order)
-    w = gguf.GGUFWriter(str(path), arch["arch"])
+    fam = arch_of(model)
+    tensors = sorted(_tensors(model, quantized, fam, cfg, float_type), key=_tensor_order)
+    w = gguf.GGUFWriter(str(path), fam.gguf.arch)
     w.add_name(Path(source).stem or "model")
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_file_type(_file_type(gguf_type, [r for *_, r in tensors]))
-    _add_hparams(w, cfg, arch)
+    _add_hparams(w, cfg, fam.gguf.arch)
     if source.endswith(".gguf") and Path(source).is_file():
         _copy_tokenizer(w, Path(source))
     elif tokenizer is not None:
-        _add_tokenizer(w, tokenizer, cfg.vocab_size, cfg.model_type)
+        _add_tokenizer(w, tokenizer, cfg.vocab_size, fam.gguf.tokenizer_pre)
     for name, data, raw, _ in tensors:
         w.add_tensor(name, data, raw_dtype=raw)
     w.write_header_to_file()

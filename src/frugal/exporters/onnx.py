@@ -10,7 +10,8 @@ onnxruntime-genai naming:
     past_key_values.{i}.key/value float32 (batch, n_kv_heads, past, head_dim)
     logits                       float32 (batch, seq, vocab)
     present.{i}.key/value        float32 (batch, n_kv_heads, past + seq, head_dim)
-Families differ only by the `FAMILIES` table below. Layout and limits: docs/formats-onnx.md.
+Families differ only by their record in frugal.families (`FamilyRecord.onnx` and `.norm`). Layout and
+limits: docs/formats-onnx.md.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from frugal.errors import FrugalError
+from frugal.families import FamilyRecord, family, supporting
 from frugal.quant.grid import QuantizedWeight
 
 OPSET = 21
@@ -34,28 +36,6 @@ CONTAINER_BITS = {2: 2, 3: 4, 4: 4, 8: 8}  # ORT's kernel has 2/4/8 bits: 3-bit 
 STATIC_ROPE = ("default", "linear", "llama3")  # rotary types whose tables do not depend on the sequence
 
 
-@dataclass(frozen=True)
-class Family:
-    """How one architecture differs from Llama, as data (module names are HF's)."""
-
-    qk_norm: bool = False  # RMSNorm over head_dim on q and k before rotary (Qwen3, Gemma 3)
-    norm_offset: float = 0.0  # RMSNorm multiplies by (offset + w): Gemma stores w - 1
-    attn_out_norm: str | None = None  # sandwich norm on the attention output (Gemma 3)
-    mlp_in_norm: str = "post_attention_layernorm"
-    mlp_out_norm: str | None = None  # sandwich norm on the MLP output (Gemma 3)
-    act_attr: str = "hidden_act"  # config attribute naming the MLP activation
-
-
-LLAMA = Family()
-FAMILIES = {
-    "llama": LLAMA,
-    "mistral": LLAMA,
-    "qwen2": LLAMA,
-    "qwen3": Family(qk_norm=True),
-    "gemma3_text": Family(qk_norm=True, norm_offset=1.0, attn_out_norm="post_attention_layernorm",
-                          mlp_in_norm="pre_feedforward_layernorm", mlp_out_norm="post_feedforward_layernorm",
-                          act_attr="hidden_activation"),
-}
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 
 
@@ -67,18 +47,18 @@ def _rope_types(cfg: Any) -> set[str]:
     return {(p or {}).get("rope_type", "default") for p in (params.values() if nested else [params])}
 
 
-def check_config(cfg: Any) -> Family:
-    """The family of a transformers config, or a one-line FrugalError naming what is unsupported."""
+def check_config(cfg: Any) -> FamilyRecord:
+    """The family record of a transformers config, or a one-line FrugalError naming what is unsupported."""
     arch = getattr(cfg, "model_type", "?")
-    if arch not in FAMILIES:
+    record = family(arch)
+    if record is None or record.onnx is None:
         raise FrugalError(f"--format onnx: architecture '{arch}' is not supported "
-                          f"(supported: {', '.join(sorted(FAMILIES))})")
-    family = FAMILIES[arch]
+                          f"(supported: {', '.join(sorted(supporting('onnx')))})")
     bad_rope = sorted(_rope_types(cfg) - set(STATIC_ROPE))
     if bad_rope:
         raise FrugalError(f"--format onnx: rope_type '{bad_rope[0]}' of '{arch}' is not supported "
                           f"(supported: {', '.join(STATIC_ROPE)})")
-    act = getattr(cfg, family.act_attr, None)
+    act = getattr(cfg, record.onnx.act_attr, None)
     if act not in ACTIVATIONS:
         raise FrugalError(f"--format onnx: activation '{act}' is not supported (supported: {', '.join(ACTIVATIONS)})")
     for key in ("attn_logit_softcapping", "use_bidirectional_attention"):
@@ -86,7 +66,7 @@ def check_config(cfg: Any) -> Family:
             raise FrugalError(f"--format onnx: {key}={getattr(cfg, key)} is not supported")
     if getattr(cfg, "partial_rotary_factor", 1.0) not in (None, 1.0):
         raise FrugalError(f"--format onnx: partial_rotary_factor={cfg.partial_rotary_factor} is not supported")
-    return family
+    return record
 
 
 def check(model: Any, recipe: Any) -> None:
@@ -213,7 +193,7 @@ class Ctx:
 
     g: Graph
     cfg: Any
-    family: Family
+    family: FamilyRecord
     names: dict  # module -> its name in the model
     quantized: dict[str, QuantizedWeight]
     head_dim: int
@@ -227,7 +207,7 @@ def rms_norm(c: Ctx, x: str, norm: torch.nn.Module) -> str:
     name = c.names[norm]
     var = g.op("ReduceMean", g.op("Mul", x, x), g.const([-1]), keepdims=1)  # (..., 1)
     inv = g.op("Reciprocal", g.op("Sqrt", g.op("Add", var, g.const(c.cfg.rms_norm_eps, np.float32))))
-    return g.op("Mul", g.op("Mul", x, inv), g.weight(f"{name}.weight", norm.weight, c.family.norm_offset))
+    return g.op("Mul", g.op("Mul", x, inv), g.weight(f"{name}.weight", norm.weight, c.family.norm.offset))
 
 
 def linear(c: Ctx, x: str, layer: torch.nn.Linear) -> str:
@@ -340,7 +320,7 @@ def attend(c: Ctx, q: str, k: str, v: str, mask: str, scaling: float) -> str:
 def attention(c: Ctx, x: str, attn: torch.nn.Module, i: int, rot: torch.nn.Module) -> str:
     """Self-attention of layer i on the normed input (B, S, H); emits present.{i}.key/value."""
     g, cfg = c.g, c.cfg
-    q_norm, k_norm = (attn.q_norm, attn.k_norm) if c.family.qk_norm else (None, None)
+    q_norm, k_norm = (attn.q_norm, attn.k_norm) if c.family.onnx.qk_norm else (None, None)
     q = heads(c, linear(c, x, attn.q_proj), cfg.num_attention_heads, q_norm)  # (B, nh, S, hd)
     k = heads(c, linear(c, x, attn.k_proj), cfg.num_key_value_heads, k_norm)  # (B, nkv, S, hd)
     v = heads(c, linear(c, x, attn.v_proj), cfg.num_key_value_heads, None)
@@ -358,7 +338,7 @@ def mlp(c: Ctx, x: str, m: torch.nn.Module) -> str:
     """down(act(gate(x)) * up(x)); act is SiLU or tanh-approximated GELU."""
     g = c.g
     gate = linear(c, x, m.gate_proj)
-    if getattr(c.cfg, c.family.act_attr) == "silu":
+    if getattr(c.cfg, c.family.onnx.act_attr) == "silu":
         act = g.op("Mul", gate, g.op("Sigmoid", gate))
     else:
         act = g.op("Gelu", gate, approximate="tanh")
@@ -367,7 +347,7 @@ def mlp(c: Ctx, x: str, m: torch.nn.Module) -> str:
 
 def decoder_layer(c: Ctx, x: str, layer: torch.nn.Module, i: int, rot: torch.nn.Module) -> str:
     """Pre-norm residual block; Gemma 3 also norms each branch's output (sandwich norms)."""
-    f, g = c.family, c.g
+    f, g = c.family.onnx, c.g
     a = attention(c, rms_norm(c, x, layer.input_layernorm), layer.self_attn, i, rot)
     if f.attn_out_norm:
         a = rms_norm(c, a, getattr(layer, f.attn_out_norm))
@@ -422,8 +402,8 @@ def build_model(compressed: Any, data: BinaryIO) -> Any:
     from frugal.version import __version__
 
     model = compressed.model
-    family = check_config(model.config)
-    c = Ctx(g=Graph(data), cfg=model.config, family=family, names={m: n for n, m in model.named_modules()},
+    record = check_config(model.config)
+    c = Ctx(g=Graph(data), cfg=model.config, family=record, names={m: n for n, m in model.named_modules()},
             quantized=compressed.quantized, head_dim=model.base_model.layers[0].self_attn.head_dim,
             masks={}, rotary={})
     decoder(c, model)

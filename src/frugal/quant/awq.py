@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from frugal.quant.options import WeightScheme
-from frugal.quant.grid import _params_from_range, fake_quantize, group_size_of
+from frugal.quant.grid import params_from_range, fake_quantize, group_size_of
 from frugal.quant.rtn import rtn_quantize
 
 Quantizer = Callable[[torch.Tensor], torch.Tensor]  # (out, in) weight -> its dequantized grid values
@@ -120,7 +120,7 @@ def search_clip(w: torch.Tensor, gram: torch.Tensor, scheme: WeightScheme, scale
     best = torch.full((out_f * n_groups,), math.inf)
     lo, hi = lo0.clone(), hi0.clone()
     for p in torch.linspace(1.0, max_shrink, grid + 1).tolist():
-        s, z = _params_from_range(lo0 * p, hi0 * p, scheme.bits, scheme.symmetric, scale_dtype)
+        s, z = params_from_range(lo0 * p, hi0 * p, scheme.bits, scheme.symmetric, scale_dtype)
         clipped = torch.minimum(torch.maximum(wg, lo0[:, None] * p), hi0[:, None] * p)
         dw = (fake_quantize(clipped, s[:, None], z[:, None], scheme.bits) - wg).reshape(out_f, n_groups, gs)
         err = torch.einsum("ogi,gij,ogj->og", dw, g_diag, dw).reshape(-1)  # (out * n_groups,)

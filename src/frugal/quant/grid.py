@@ -51,7 +51,7 @@ def group_size_of(scheme: WeightScheme, in_features: int) -> int:
     return in_features if scheme.group_size == -1 else scheme.group_size
 
 
-def _params_from_range(
+def params_from_range(
     xmin: torch.Tensor, xmax: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point (float, same shape as xmin) covering [xmin, xmax]."""
@@ -86,12 +86,12 @@ def group_params(
     """Scale and zero point per row of `wg` (rows, g); with `clip`, the MSE-optimal shrunk range."""
     xmin = wg.min(dim=1).values.clamp(max=0)
     xmax = wg.max(dim=1).values.clamp(min=0)
-    scale, zero = _params_from_range(xmin, xmax, bits, symmetric, scale_dtype)
+    scale, zero = params_from_range(xmin, xmax, bits, symmetric, scale_dtype)
     if clip is None or not clip.enabled:
         return scale, zero
     best = (fake_quantize(wg, scale[:, None], zero[:, None], bits) - wg).pow(2).sum(1)
     for p in torch.linspace(1.0, clip.max_shrink, clip.grid + 1)[1:].tolist():
-        s, z = _params_from_range(xmin * p, xmax * p, bits, symmetric, scale_dtype)
+        s, z = params_from_range(xmin * p, xmax * p, bits, symmetric, scale_dtype)
         err = (fake_quantize(wg, s[:, None], z[:, None], bits) - wg).pow(2).sum(1)
         better = err < best
         best = torch.where(better, err, best)

@@ -14,6 +14,24 @@ SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_GROUPS = (-1, 32, 64, 128)  # -1: one scale per output channel
 SCALE_DTYPES = ("model", "float16", "bfloat16", "float32")  # "model": the dtype of the weights
 
+# the range rules of the numeric options: "must be <rule>" -> whether a value keeps it (NaN keeps none)
+_RANGES = {
+    ">= 0": lambda v: v >= 0,
+    ">= 1": lambda v: v >= 1,
+    "> 0": lambda v: v > 0,
+    "in (0, 1)": lambda v: 0 < v < 1,
+    "in (0, 1]": lambda v: 0 < v <= 1,
+    "in (0, 0.5]": lambda v: 0 < v <= 0.5,
+}
+
+
+def _check_ranges(where: str, options: Any, *rules: tuple[str, str]) -> None:
+    """Raise a FrugalError `<where>.<name>=<value>: must be <rule>` for the first (name, rule) broken."""
+    for name, rule in rules:
+        value = getattr(options, name)
+        if not _RANGES[rule](value):
+            raise FrugalError(f"{where}.{name}={value}: must be {rule}")
+
 
 @dataclass(frozen=True)
 class WeightScheme:
@@ -51,10 +69,7 @@ class ClipSearch:
     max_shrink: float = 0.75
 
     def validate(self, where: str) -> None:
-        if self.grid < 1:
-            raise FrugalError(f"{where}.grid={self.grid}: must be >= 1")
-        if not 0.0 < self.max_shrink <= 1.0:
-            raise FrugalError(f"{where}.max_shrink={self.max_shrink}: must be in (0, 1]")
+        _check_ranges(where, self, ("grid", ">= 1"), ("max_shrink", "in (0, 1]"))
 
 
 @dataclass(frozen=True)
@@ -67,12 +82,7 @@ class GPTQOptions:
     max_damp_retries: int = 5
 
     def validate(self, where: str) -> None:
-        if not 0.0 < self.dampening < 1.0:
-            raise FrugalError(f"{where}.dampening={self.dampening}: must be in (0, 1)")
-        if self.block_size < 1:
-            raise FrugalError(f"{where}.block_size={self.block_size}: must be >= 1")
-        if self.max_damp_retries < 0:
-            raise FrugalError(f"{where}.max_damp_retries={self.max_damp_retries}: must be >= 0")
+        _check_ranges(where, self, ("dampening", "in (0, 1)"), ("block_size", ">= 1"), ("max_damp_retries", ">= 0"))
 
 
 @dataclass(frozen=True)
@@ -90,10 +100,7 @@ class AWQOptions:
     max_tokens: int = 8192
 
     def validate(self, where: str) -> None:
-        if self.grid < 1:
-            raise FrugalError(f"{where}.grid={self.grid}: must be >= 1")
-        if not 0.0 < self.max_shrink <= 1.0:
-            raise FrugalError(f"{where}.max_shrink={self.max_shrink}: must be in (0, 1]")
+        _check_ranges(where, self, ("grid", ">= 1"), ("max_shrink", "in (0, 1]"))
         if self.max_samples < 1 or self.max_tokens < 1:
             raise FrugalError(f"{where}: max_samples and max_tokens must be >= 1")
 
@@ -110,16 +117,8 @@ class HQQOptions:
     refits: int = 2
 
     def validate(self, where: str) -> None:
-        if self.iters < 1:
-            raise FrugalError(f"{where}.iters={self.iters}: must be >= 1")
-        if not 0.0 < self.lp_norm <= 1.0:
-            raise FrugalError(f"{where}.lp_norm={self.lp_norm}: must be in (0, 1]")
-        if not self.beta > 0.0:
-            raise FrugalError(f"{where}.beta={self.beta}: must be > 0")
-        if not self.kappa >= 1.0:
-            raise FrugalError(f"{where}.kappa={self.kappa}: must be >= 1")
-        if self.refits < 0:
-            raise FrugalError(f"{where}.refits={self.refits}: must be >= 0")
+        _check_ranges(where, self, ("iters", ">= 1"), ("lp_norm", "in (0, 1]"), ("beta", "> 0"), ("kappa", ">= 1"),
+                      ("refits", ">= 0"))
 
 
 @dataclass(frozen=True)
@@ -146,14 +145,8 @@ class RefineOptions:
     seed: int = 0
 
     def validate(self, where: str) -> None:
-        for key in ("iters", "batch_size", "eval_samples", "eval_every"):
-            if getattr(self, key) < 1:
-                raise FrugalError(f"{where}.{key}={getattr(self, key)}: must be >= 1")
-        if not 0.0 < self.lr <= 0.5:
-            raise FrugalError(f"{where}.lr={self.lr}: must be in (0, 0.5]")
-        for key in ("scale_lr", "max_seconds"):
-            if not getattr(self, key) >= 0.0:
-                raise FrugalError(f"{where}.{key}={getattr(self, key)}: must be >= 0")
+        _check_ranges(where, self, ("iters", ">= 1"), ("batch_size", ">= 1"), ("eval_samples", ">= 1"),
+                      ("eval_every", ">= 1"), ("lr", "in (0, 0.5]"), ("scale_lr", ">= 0"), ("max_seconds", ">= 0"))
 
 
 ROTATIONS = ("none", "hadamard", "random")

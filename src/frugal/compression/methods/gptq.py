@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from frugal.compression.methods import FLOAT_BYTES, Method, Quantized
+from frugal.compression.methods.base import FLOAT_BYTES, Method, Quantized
 
 
 def quantize(w, h, scheme, recipe, scale_dtype, name):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from frugal.compression.methods import Method, Quantized
+from frugal.compression.methods.base import Method, Quantized
 
 
 def quantize(w, h, scheme, recipe, scale_dtype, name):

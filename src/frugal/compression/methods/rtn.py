@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from frugal.compression.methods import Method, Quantized
+from frugal.compression.methods.base import Method, Quantized
 
 
 def quantize(w, h, scheme, recipe, scale_dtype, name):

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from frugal.compression.hooks import InputHooks, run_block
-from frugal.compression.transforms import BlockContext, Place, Transform
+from frugal.compression.transforms.base import BlockContext, Place, Transform
 from frugal.load.blocks import block_linears
 from frugal.errors import FrugalError
 from frugal.families import FamilyRecord, ScalePair, family, supporting

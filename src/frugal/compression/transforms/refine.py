@@ -10,7 +10,7 @@ import logging
 import torch
 
 from frugal.compression.hooks import run_block
-from frugal.compression.transforms import BlockContext, Place, Transform
+from frugal.compression.transforms.base import BlockContext, Place, Transform
 from frugal.quant.error import rel_errors
 
 log = logging.getLogger(__name__)

@@ -36,7 +36,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from frugal.quant.options import ROTATIONS, RotationOptions
-from frugal.compression.transforms import Place, Transform
+from frugal.compression.transforms.base import Place, Transform
 from frugal.errors import FrugalError
 from frugal.families import FamilyRecord, RotationLayout, family, supporting
 
@@ -206,17 +206,18 @@ def _check_norm(norm: nn.Module, where: str) -> None:
         raise FrugalError(f"rotation: {where} is a {type(norm).__name__}; only RMSNorm without bias can be fused")
 
 
-def _value_rows(fam: Family, config) -> slice:
+def _value_rows(fam: RotationLayout, config) -> slice:
     heads, kv, d = _heads(config)
     start = heads * d + kv * d if fam.v_after_qk else 0
     return slice(start, start + kv * d)
 
 
-def check(model: nn.Module) -> Family:
-    """Refuse, before any work, a model whose architecture cannot be rotated exactly; its table row."""
+def check(model: nn.Module) -> FamilyRecord:
+    """Refuse, before any work, a model whose architecture cannot be rotated exactly; its family record."""
     from frugal.load.blocks import find_blocks
 
-    fam = _family(model)
+    record = _family(model)
+    fam = record.rotation
     _, _, d = _heads(model.config)
     _module(model, fam.embedding, nn.Embedding, "")
     _module(model, fam.head, nn.Linear, "")
@@ -234,7 +235,7 @@ def check(model: nn.Module) -> Family:
         rows = _value_rows(fam, model.config)
         if v.out_features < rows.stop or o.in_features % d:
             raise FrugalError(f"rotation: {where}{fam.v_proj}/{fam.attn_out} do not match head_dim {d}")
-    return fam
+    return record
 
 
 # -- Model walking (glue) -----------------------------------------------------------------------
@@ -281,10 +282,11 @@ def _fuse_and_rotate_readers(ws: _Float64Weights, norm: nn.Module, readers: tupl
     norm.weight.data.fill_(1.0 - offset)
 
 
-def _rotate_block(block: nn.Module, fam: Family, r1: torch.Tensor, r2: torch.Tensor | None, rows: slice) -> None:
-    ws = _Float64Weights(block)
+def _rotate_block(block: nn.Module, record: FamilyRecord, r1: torch.Tensor, r2: torch.Tensor | None,
+                  rows: slice) -> None:
+    fam, ws = record.rotation, _Float64Weights(block)
     for norm, readers in fam.norms_to_readers():
-        _fuse_and_rotate_readers(ws, block.get_submodule(norm), readers, r1, fam.norm_offset)
+        _fuse_and_rotate_readers(ws, block.get_submodule(norm), readers, r1, record.norm.offset)
     for path in (fam.attn_out, fam.mlp_out):
         w, b = ws.get(path)
         ws.w[path] = rotate_writer(w, r1)
@@ -307,7 +309,8 @@ def rotate_model(model: nn.Module, options: RotationOptions) -> dict[str, object
     options.validate()
     if options.kind == "none":
         return {"kind": "none"}
-    fam = check(model)
+    record = check(model)
+    fam = record.rotation
     _, _, head_dim = _heads(model.config)
     gen = torch.Generator().manual_seed(options.seed)
     r1 = rotation(options.kind, model.config.hidden_size, gen)  # (hidden, hidden)
@@ -318,9 +321,9 @@ def rotate_model(model: nn.Module, options: RotationOptions) -> dict[str, object
     rows = _value_rows(fam, model.config)
     blocks_name, blocks = find_blocks(model)
     for block in tqdm(blocks, desc=f"rotate ({options.kind})", unit="block"):
-        _rotate_block(block, fam, r1, r2, rows)
+        _rotate_block(block, record, r1, r2, rows)
     ws = _Float64Weights(model)
-    _fuse_and_rotate_readers(ws, model.get_submodule(fam.final_norm), (fam.head,), r1, fam.norm_offset)
+    _fuse_and_rotate_readers(ws, model.get_submodule(fam.final_norm), (fam.head,), r1, record.norm.offset)
     ws.store()
     log.info("rotation: %s R1 (%d) %s fused into %d blocks of %s", options.kind, r1.shape[0],
              f"and R2 ({head_dim})" if r2 is not None else "without R2", len(blocks), blocks_name)

@@ -1,0 +1,161 @@
+"""What frugal knows about each model family, by transformers `config.model_type`: one record each.
+
+A `FamilyRecord` holds the facts every stage reads, grouped in sub-records:
+- `norm`: the norm kind and its offset (Gemma's norms compute x_hat * (1 + w): offset 1), declared
+  once here and read by AWQ folding, rotation fusing, the ONNX graph and the GGUF writer;
+- `final`: the modules between the last decoder block and the output head (analysis re-runs them);
+- `awq`: AWQ scaling pairs and the layers left out of the clip search;
+- `rotation` (where the residual-stream rotation is fused) or `rotation_refused` (why it cannot be exact);
+- `onnx`: how the ONNX graph differs from Llama's;
+- `gguf`: the llama.cpp architecture, its conversions and what the format cannot take;
+- `roles`: module roles for the op-sensitivity analysis that type names do not reveal.
+A sub-record left None means the stage does not support the family. Module paths inside a block are
+relative to the block. This module imports nothing from frugal (nor torch), so anything may import it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Norm:
+    kind: str = "rms"  # "rms" (RMSNorm) or "layer" (LayerNorm: subtracts the mean)
+    offset: float = 0.0  # the norm multiplies x_hat by (offset + w); Gemma: 1
+
+
+@dataclass(frozen=True)
+class ScalePair:
+    """An AWQ scaling pair: the op whose output only `linears` read."""
+
+    prev: str  # module name inside the block: a norm or a linear layer
+    linears: tuple[str, ...]  # the linear layers fed by prev's output
+    requires: tuple[tuple[str, Any], ...] = ()  # config (attribute, value) pairs under which it is exact
+
+
+@dataclass(frozen=True)
+class AWQLayout:
+    pairs: tuple[ScalePair, ...]
+    # Layers left out of the clip search: the output error of q and k says little about the error
+    # after the q.k product and softmax (the reference AWQ code skips them for the same reason).
+    no_clip: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj")
+
+
+@dataclass(frozen=True)
+class RotationLayout:
+    """Where one architecture keeps what the rotation touches."""
+
+    embedding: str = "model.embed_tokens"
+    final_norm: str = "model.norm"
+    head: str = "lm_head"
+    attn_norm: str = "input_layernorm"
+    attn_in: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+    attn_out: str = "self_attn.o_proj"
+    mlp_norm: str = "post_attention_layernorm"
+    mlp_in: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj")
+    mlp_out: str = "mlp.down_proj"
+    v_proj: str = "self_attn.v_proj"
+    v_after_qk: bool = False  # values are the rows after q and k in a fused qkv_proj
+
+    def norms_to_readers(self) -> tuple[tuple[str, tuple[str, ...]], ...]:
+        return ((self.attn_norm, self.attn_in), (self.mlp_norm, self.mlp_in))
+
+
+@dataclass(frozen=True)
+class OnnxGraph:
+    """How the ONNX graph differs from Llama's (module names are HF's)."""
+
+    qk_norm: bool = False  # RMSNorm over head_dim on q and k before rotary (Qwen3, Gemma 3)
+    attn_out_norm: str | None = None  # sandwich norm on the attention output (Gemma 3)
+    mlp_in_norm: str = "post_attention_layernorm"
+    mlp_out_norm: str | None = None  # sandwich norm on the MLP output (Gemma 3)
+    act_attr: str = "hidden_act"  # config attribute naming the MLP activation
+
+
+@dataclass(frozen=True)
+class GGUFArch:
+    """The llama.cpp architecture of a family and the conversions llama.cpp expects."""
+
+    arch: str  # general.architecture, e.g. "llama", "gemma3"
+    permute_qk: bool = False  # q/k rows reordered for llama.cpp's rotary embedding
+    tokenizer_pre: str = "default"  # tokenizer.ggml.pre of a BPE ("gpt2") tokenizer
+    rope_types: tuple[str, ...] = ("default",)  # rope scaling types llama.cpp reproduces
+    # llama.cpp derives the attention scale from head_dim: the config's query_pre_attn_scalar must equal it
+    scale_from_head_dim: bool = False
+
+
+@dataclass(frozen=True)
+class FamilyRecord:
+    model_type: str
+    norm: Norm = Norm()
+    final: tuple[str, ...] = ("model.norm",)  # modules between the last block and the output head
+    awq: AWQLayout | None = None
+    rotation: RotationLayout | None = None
+    rotation_refused: str = ""  # why the family cannot be rotated exactly ("" where it can)
+    onnx: OnnxGraph | None = None
+    gguf: GGUFArch | None = None
+    roles: tuple[tuple[str, tuple[str, ...]], ...] = ()  # op-sensitivity role -> module names in a block
+
+
+# -- the records ---------------------------------------------------------------------------------
+_ATTN = ScalePair("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))
+_VO = ScalePair("self_attn.v_proj", ("self_attn.o_proj",))
+_UD = ScalePair("mlp.up_proj", ("mlp.down_proj",))
+_LLAMA_AWQ = AWQLayout((_ATTN, _VO, ScalePair("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")), _UD))
+_PRE_LN = (("do_layer_norm_before", True),)  # OPT-350m normalises after the residual: no norm pairs
+_POST_NORMS = ("post-attention/post-feedforward norms act on sublayer outputs before the residual add, "
+               "so the residual rotation cannot be fused")
+_GEMMA_NORM = Norm("rms", offset=1.0)
+
+_LLAMA = FamilyRecord("llama", awq=_LLAMA_AWQ, rotation=RotationLayout(), onnx=OnnxGraph(),
+                      gguf=GGUFArch("llama", permute_qk=True))
+_RECORDS = (
+    _LLAMA,
+    replace(_LLAMA, model_type="mistral"),
+    replace(_LLAMA, model_type="qwen2", gguf=GGUFArch("qwen2", tokenizer_pre="qwen2")),
+    # q_norm/k_norm act on q/k heads after q_proj/k_proj: untouched by the rotations
+    replace(_LLAMA, model_type="qwen3", onnx=OnnxGraph(qk_norm=True), gguf=GGUFArch("qwen3", tokenizer_pre="qwen2")),
+    # the embedding is scaled by sqrt(hidden): a scalar, it commutes with the rotation
+    FamilyRecord("gemma", norm=_GEMMA_NORM, rotation=RotationLayout()),
+    FamilyRecord("gemma2", norm=_GEMMA_NORM, rotation_refused=_POST_NORMS),
+    FamilyRecord("gemma3", norm=_GEMMA_NORM, rotation_refused=_POST_NORMS),
+    FamilyRecord("gemma3_text", norm=_GEMMA_NORM, rotation_refused=_POST_NORMS,
+                 awq=AWQLayout((_ATTN, _VO, ScalePair("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+                                _UD)),
+                 onnx=OnnxGraph(qk_norm=True, attn_out_norm="post_attention_layernorm",
+                                mlp_in_norm="pre_feedforward_layernorm", mlp_out_norm="post_feedforward_layernorm",
+                                act_attr="hidden_activation"),
+                 gguf=GGUFArch("gemma3", rope_types=("default", "linear"), scale_from_head_dim=True)),
+    FamilyRecord("phi3", awq=AWQLayout((ScalePair("input_layernorm", ("self_attn.qkv_proj",)),
+                                        ScalePair("post_attention_layernorm", ("mlp.gate_up_proj",))),
+                                       no_clip=("self_attn.qkv_proj",)),
+                 rotation=RotationLayout(attn_in=("self_attn.qkv_proj",), mlp_in=("mlp.gate_up_proj",),
+                                         v_proj="self_attn.qkv_proj", v_after_qk=True)),
+    FamilyRecord("opt", norm=Norm("layer"), final=("model.decoder.final_layer_norm", "model.decoder.project_out"),
+                 awq=AWQLayout((ScalePair("self_attn_layer_norm",
+                                          ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), _PRE_LN),
+                                ScalePair("self_attn.v_proj", ("self_attn.out_proj",)),
+                                ScalePair("final_layer_norm", ("fc1",), _PRE_LN),
+                                ScalePair("fc1", ("fc2",), (("activation_function", "relu"),)))),
+                 rotation_refused="LayerNorm subtracts the mean, which does not commute with a rotation of the "
+                                  "residual stream",
+                 roles=(("mlp_linear", ("fc1", "fc2")), ("mlp_act", ("activation_fn",)))),
+)
+FAMILIES: dict[str, FamilyRecord] = {r.model_type: r for r in _RECORDS}
+
+
+def family(model_type: str | None) -> FamilyRecord | None:
+    """The record of a `config.model_type`, or None for a family frugal has no record of."""
+    return FAMILIES.get(model_type) if isinstance(model_type, str) else None
+
+
+def supporting(facet: str) -> list[str]:
+    """The model types whose record has the sub-record `facet` ("awq", "rotation", "onnx", "gguf"),
+    in table order."""
+    return [mt for mt, r in FAMILIES.items() if getattr(r, facet) is not None]
+
+
+def final_modules() -> tuple[str, ...]:
+    """Every family's modules between the last block and the head, each once, in table order."""
+    return tuple(dict.fromkeys(name for r in FAMILIES.values() for name in r.final))
