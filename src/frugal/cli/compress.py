@@ -11,20 +11,20 @@ from frugal.errors import FrugalError
 
 log = logging.getLogger("frugal")
 
-GGUF = "gguf"  # the format that holds GGML grids (--gguf-type)
-
-
 def default_format() -> str:
     """The format `frugal compress` writes without --format (the first of frugal.exporters.FORMATS)."""
-    from frugal.exporters import FORMATS
+    from frugal import exporters
 
-    return next(iter(FORMATS))
+    return exporters.default_format()
 
 
 def _output_format(a: argparse.Namespace, recipe) -> str:
-    if recipe.gguf_type and a.format not in (None, GGUF):
-        raise FrugalError(f"--format {a.format}: --gguf-type rounds onto GGML grids, which only --format gguf holds")
-    return a.format or (GGUF if recipe.gguf_type else default_format())
+    from frugal.exporters import ggml_format
+
+    if recipe.gguf_type and a.format not in (None, ggml_format()):
+        raise FrugalError(f"--format {a.format}: --gguf-type rounds onto GGML grids, which only --format "
+                          f"{ggml_format()} holds")
+    return a.format or (ggml_format() if recipe.gguf_type else default_format())
 
 
 def recipe_from_args(a: argparse.Namespace):

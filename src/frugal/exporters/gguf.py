@@ -27,6 +27,8 @@ from frugal.quant.grid import QuantizedWeight
 
 log = logging.getLogger(__name__)
 
+HOLDS_GGML = True  # recipe.gguf_type targets are written as GGUF
+
 FILE_NAME = "model.gguf"
 
 

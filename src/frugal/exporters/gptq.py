@@ -38,6 +38,9 @@ from frugal.quant.grid import QuantizedWeight
 
 log = logging.getLogger(__name__)
 
+ONE_SCHEME = ("a GPTQ checkpoint holds one scheme; mixed precision (recipe.overrides) exports to "
+              "compressed-tensors, gguf or onnx")
+
 WORD = 32
 
 

@@ -274,7 +274,7 @@ def render_html(results: dict) -> str:
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{esc("frugal report: " + names if names else "frugal report")}</title>
-<style>{CSS}</style>
+<style>{" ".join(CSS.split())}</style>
 </head>
 <body>
 <main>

@@ -23,11 +23,7 @@ BUILTIN = (
     "frugal.compression.methods.hqq",
 )
 REGISTRY = Registry("method", BUILTIN, "METHOD")
-
-
-def register(method: Method) -> Method:
-    """Add a method (its name must be new); returns it, so a module can write `METHOD = register(...)`."""
-    return REGISTRY.register(method)
+register = REGISTRY.register  # register(method) adds one (its name must be new) and returns it
 
 
 def names() -> tuple[str, ...]:

@@ -22,11 +22,7 @@ BUILTIN = (
     "frugal.compression.transforms.refine",
 )
 REGISTRY = Registry("transform", BUILTIN, "TRANSFORM")
-
-
-def register(transform: Transform) -> Transform:
-    """Add a transform (its name must be new and a Recipe field)."""
-    return REGISTRY.register(transform)
+register = REGISTRY.register  # register(transform) adds one (its name must be new and a Recipe field)
 
 
 def all_transforms() -> tuple[Transform, ...]:
