@@ -49,12 +49,16 @@ def write_checkpoint(model: Any, tokenizer: Any, out: Path, state_dict: dict[str
 
 
 def write_metadata(model: Any, tokenizer: Any, out: Path, quantization_config: dict | None) -> None:
-    """config.json (with `quantization_config`, if any), generation config and tokenizer files."""
+    """config.json (with `quantization_config`, if any, and `architectures`, which vLLM and PaddleFormers
+    resolve the model class from: without it they build the model without its head), generation config
+    and tokenizer files."""
     cfg = copy.deepcopy(model.config)
     if hasattr(cfg, "quantization_config"):
         delattr(cfg, "quantization_config")
     if quantization_config is not None:
         cfg.quantization_config = quantization_config
+    if not getattr(cfg, "architectures", None):  # e.g. a model converted from GGUF; engines pick the class by it
+        cfg.architectures = [type(model).__name__]
     cfg.save_pretrained(out)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(out)
