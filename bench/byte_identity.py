@@ -112,6 +112,7 @@ def main() -> int:
     ap.add_argument("--work", default=str(ROOT / "bench/.work/identity-out"))
     ap.add_argument("--default-model", action="store_true", help="also the default model (minutes per recipe)")
     ap.add_argument("--only", help="comma-separated recipe names")
+    ap.add_argument("--default-only", help="recipes run on the default model (default: a cheap set)")
     a = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     work = Path(a.work)
@@ -133,7 +134,8 @@ def main() -> int:
     names = a.only.split(",") if a.only else list(RECIPES)
     jobs = [(fam, path, r) for r in names for fam, path in models.items()]
     if a.default_model:
-        jobs += [("default", None, r) for r in DEFAULT_MODEL_RECIPES if r in names]
+        chosen = a.default_only.split(",") if a.default_only else DEFAULT_MODEL_RECIPES
+        jobs += [("default", None, r) for r in chosen if r in names]
     results: dict[str, dict] = {}
     for fam, path, r in jobs:
         options, formats = RECIPES[r]
