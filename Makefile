@@ -27,10 +27,10 @@ demo: setup
 	$(BIN)/frugal compress --method gptq --bits 4 --group-size 64 --samples 32 -o out/demo --overwrite
 
 test: setup browser
-	$(BIN)/pytest -q -n 2 --dist loadfile
+	$(BIN)/pytest -q -n 2 --dist loadgroup
 
 test-fast: setup
-	$(BIN)/pytest -q -n 2 --dist loadfile -m "not slow"
+	$(BIN)/pytest -q -n 2 --dist loadgroup -m "not slow"
 
 bench: setup
 	$(BIN)/python bench/gptq_vs_rtn.py

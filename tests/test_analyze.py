@@ -16,6 +16,9 @@ from frugal.errors import FrugalError
 from frugal.load.model import load_model
 from frugal.analysis.mixed import apply, plan
 
+# One worker runs this file in order: the --max-kl refusal test reuses the analysis its neighbour cached.
+pytestmark = pytest.mark.xdist_group("test_analyze")
+
 CANDS = ["int2g32", "int3g32", "int4g32", "int8g32", "bf16", "fp8_e4m3", "mxfp4", "nvfp4"]
 
 
