@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from frugal.analysis.budget import DEFAULT_FORMATS, DEFAULT_MEASURE
+from frugal.analysis.budget import DEFAULT_FORMATS, DEFAULT_MEASURE, split_names
 from frugal.compression.result import Compressed, CompressionReport
 from frugal.config import Recipe, as_recipe
 from frugal.errors import FrugalError
@@ -99,11 +99,8 @@ def compress(model_or_path: Any = None, recipe: Recipe | dict | str | Path | Non
         model = model_or_path if inplace or max_kl is not None else copy.deepcopy(model_or_path)
         source = type(model).__name__
     else:
-        from frugal.load.model import load_model
-
-        loaded = load_model(model_or_path, allow_pickle=allow_pickle)
-        model, tokenizer, source = loaded.model, tokenizer or loaded.tokenizer, str(loaded.source)
-        cache_source = loaded.source
+        model, tokenizer, cache_source = _load(model_or_path, tokenizer, allow_pickle)
+        source = str(cache_source)
     formats = tuple(formats)
     mixed = None
     if max_kl is not None:
@@ -139,7 +136,7 @@ def _load(model: Any, tokenizer: Any, allow_pickle: bool) -> tuple[Any, Any, Any
 
 
 def _split(names: str | list[str] | tuple[str, ...]) -> list[str]:
-    return names.split(",") if isinstance(names, str) else list(names)
+    return split_names(names) or []
 
 
 def write_ops(res: Any, directory: Path, per_block: bool) -> None:

@@ -95,10 +95,9 @@ class Recipe:
         method = methods.get(self.method)
         self.weights.validate("recipe.weights")
         self.clip.validate("recipe.clip")
-        for m in methods.names():  # every method's options, so a recipe is valid whichever method it names
-            key = methods.get(m).options
-            if key is not None:
-                getattr(self, key).validate(f"recipe.{key}")
+        for m in methods.REGISTRY.records().values():  # every method's options, whichever method it names
+            if m.options is not None:
+                getattr(self, m.options).validate(f"recipe.{m.options}")
         method.check_recipe(self)
         for t in transforms.all_transforms():
             getattr(self, t.name).validate(f"recipe.{t.name}")

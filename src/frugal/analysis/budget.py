@@ -41,7 +41,8 @@ def analysis_formats(recipe) -> list[str]:
     return [n for n in names if keep(parse_candidate(n)) or n in DEFAULT_MEASURE.split(",")]
 
 
-def _split(candidates: str | list[str] | tuple[str, ...] | None) -> list[str] | None:
+def split_names(candidates: str | list[str] | tuple[str, ...] | None) -> list[str] | None:
+    """A list from "a,b" or a sequence of names; None when empty."""
     if not candidates:
         return None
     return candidates.split(",") if isinstance(candidates, str) else list(candidates)
@@ -87,7 +88,7 @@ def mixed_planner(model, recipe, *, tokenizer=None, source=None, calibration: An
         analysis = analyze(model, *args, **kw)
     linears = quantizable_linears(model, recipe.ignore)
     float_bytes = model_bytes(model) - sum(l.weight.numel() * l.weight.element_size() for l in linears.values())
-    cands = _split(candidates)
+    cands = split_names(candidates)
 
     def planner(max_kl):
         p = plan(analysis, None if max_kl is not None else budget, max_kl, cands, float_bytes=float_bytes,

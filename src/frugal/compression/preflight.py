@@ -34,6 +34,10 @@ FLOAT_BYTES = 4  # weights and activations are float32 in frugal
 IN_MEMORY_MODEL_COPIES = 4
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+# safetensors dtype code by torch dtype name: the one table (load.lazy and compression.workdir build theirs from it)
+DTYPE_CODES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
+               "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
+               "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}
 
 
 @dataclass(frozen=True)
@@ -162,11 +166,6 @@ def estimate(model_dir: str | Path, recipe: Any = None, n_samples: int | None = 
                             recipe, n_samples, seq_len)
 
 
-TORCH_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
-                "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
-                "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}
-
-
 def model_tensors(model: Any) -> dict[str, TensorInfo]:
     """The tensors of a loaded model as a checkpoint would list them (tied tensors once, under their
     first name), for `estimate_tensors` when there are no safetensors headers to read."""
@@ -177,7 +176,7 @@ def model_tensors(model: Any) -> dict[str, TensorInfo]:
         if ptr in seen and t.numel():
             continue
         seen.add(ptr)
-        dtype = TORCH_DTYPES.get(str(t.dtype).removeprefix("torch."), "F32")
+        dtype = DTYPE_CODES.get(str(t.dtype).removeprefix("torch."), "F32")
         out[name] = TensorInfo(dtype, tuple(t.shape), "", (0, 0))
     return out
 
@@ -200,6 +199,12 @@ def estimate_tensors(tensors: dict[str, TensorInfo], hidden: int, recipe: Any = 
     hess = [0] * n_blocks
     outside = output = 0
     layer_work = 0
+
+    def counted(name: str, t: TensorInfo, in_block: bool) -> bool:  # stored quantized?
+        if quantized is None:
+            return _quantized(name, t, in_block, recipe.ignore)
+        return name.endswith(".weight") and name[: -len(".weight")] in quantized and len(t.shape) == 2
+
     for name, t in tensors.items():
         m = re.match(rf"^{re.escape(prefix)}\.(\d+)\.", name)
         nbytes = t.numel * FLOAT_BYTES if t.is_float else t.numel * DTYPE_BYTES.get(t.dtype, 4)
@@ -207,8 +212,7 @@ def estimate_tensors(tensors: dict[str, TensorInfo], hidden: int, recipe: Any = 
             blocks[int(m.group(1))] += nbytes
         else:
             outside += nbytes
-        if not (_quantized(name, t, m is not None, recipe.ignore) if quantized is None
-                else name.endswith(".weight") and name[: -len(".weight")] in quantized and len(t.shape) == 2):
+        if not counted(name, t, m is not None):
             output += nbytes
             continue
         s = recipe.scheme_for(name[: -len(".weight")])

@@ -20,7 +20,7 @@ import torch
 
 from frugal.compression.preflight import read_header
 from frugal.errors import FrugalError
-from frugal.load.lazy import read_tensor
+from frugal.load.lazy import TORCH_DTYPES, read_tensor
 from frugal.load.model import sha256_file
 from frugal.version import __version__
 
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1  # of the work directory (manifest.json and activation files)
 MANIFEST = "manifest.json"
-ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
+ST_DTYPES = {dtype: code for code, dtype in TORCH_DTYPES.items()}  # torch dtype -> safetensors code
 
 
 def fsync_dir(path: Path) -> None:
@@ -117,8 +117,7 @@ class SlotFile(Sequence):
         end = self.start + (self.items[-1]["data_offsets"][1] if self.items else 0)
         if path.stat().st_size != end:
             raise FrugalError(f"{path}: activation file is truncated ({path.stat().st_size} of {end} bytes)")
-        dtypes = {v: k for k, v in ST_DTYPES.items()}
-        self.dtype = dtypes[self.items[0]["dtype"]] if self.items else torch.float32
+        self.dtype = TORCH_DTYPES[self.items[0]["dtype"]] if self.items else torch.float32
 
     def __len__(self) -> int:
         return len(self.items)

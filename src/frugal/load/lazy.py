@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from frugal.compression.preflight import checkpoint_tensors, read_header
+from frugal.compression.preflight import DTYPE_CODES, checkpoint_tensors, read_header
 from frugal.errors import FrugalError
 
 log = logging.getLogger(__name__)
@@ -31,9 +31,7 @@ def read_tensor(path: Path, offset: int, nbytes: int, dtype: torch.dtype, shape:
     return t.reshape(tuple(shape))
 
 
-TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+TORCH_DTYPES = {code: getattr(torch, name) for name, code in DTYPE_CODES.items()}  # safetensors code -> dtype
 
 
 class Source:

@@ -14,11 +14,11 @@ def quantize(w, h, scheme, recipe, scale_dtype, name):
 
 def quantize_ggml(w, h, ggml_type, recipe, name):
     """GPTQ onto a GGML grid fixed from the original weights; without a Hessian (embeddings) to nearest."""
-    from frugal.quant.ggml import make_grid
+    from frugal.compression.methods import rtn
     from frugal.quant.gptq import gptq_ggml
 
     if h is None:
-        return Quantized(make_grid(w, ggml_type))
+        return rtn.quantize_ggml(w, h, ggml_type, recipe, name)
     res = gptq_ggml(w, h, ggml_type, recipe.gptq, name=name)
     return Quantized(res.weight, res.loss, res.damp)
 

@@ -12,7 +12,7 @@ def quantize(w, h, scheme, recipe, scale_dtype, name):
 
 
 def quantize_ggml(w, h, ggml_type, recipe, name):
-    """Round to nearest on a GGML grid (the grid's range search is weighted by diag(h) when given)."""
+    """Round to nearest on a GGML grid (`h` is not used)."""
     from frugal.quant.ggml import make_grid
 
     return Quantized(make_grid(w, ggml_type))
