@@ -101,6 +101,7 @@ def test_awq_end_to_end(family, tmp_path):
     import transformers
 
     import frugal
+    from frugal.load.model import load_model
 
     transformers.logging.set_verbosity_error()
     ref = tiny(family)
@@ -119,9 +120,10 @@ def test_awq_end_to_end(family, tmp_path):
         awq = run(method, enabled=True)
         err[method + "+awq"] = _mean_block_error(awq.model, ref, ids)
         out = awq.save(tmp_path / method)
-        reloaded = transformers.AutoModelForCausalLM.from_pretrained(out)
-        with torch.no_grad():
-            assert (reloaded(ids).logits - awq.model(ids).logits).abs().max() <= 1e-4
+        reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+        with torch.no_grad():  # frugal's reader reproduces the model exactly; transformers' rounds (q - z) * s
+            assert torch.equal(load_model(out).model(ids).logits, awq.model(ids).logits)  # to the 16-bit scales
+            assert (reloaded(ids).logits - awq.model(ids).logits).abs().max() <= 2e-2
     err["gptq+awq scales"] = _mean_block_error(run("gptq", enabled=True, clip=False).model, ref, ids)
     assert err["rtn+awq"] < 0.9 * err["rtn"], err
     assert err["gptq+awq scales"] < err["gptq"], err

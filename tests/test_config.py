@@ -37,10 +37,12 @@ def raises_naming(data: dict, *names: str) -> str:
 
 
 def test_defaults():
-    """The default recipe is version 1, 4-bit g128 symmetric GPTQ with lm_head kept in float."""
+    """The default recipe is version 2, 4-bit g128 symmetric GPTQ on the signed-extreme grid with lm_head
+    kept unquantized and what stays unquantized in bfloat16."""
     r = Recipe()
-    assert (r.version, r.method, r.seed) == (RECIPE_VERSION, "gptq", 0) and RECIPE_VERSION == 1
-    assert r.weights == WeightScheme(4, 128, True)
+    assert (r.version, r.method, r.seed) == (RECIPE_VERSION, "gptq", 0) and RECIPE_VERSION == 2
+    assert r.weights == WeightScheme(4, 128, True, "model", signed_scale=True)
+    assert r.storage.dtype == "bfloat16"
     assert r.clip == ClipSearch(False, 40, 0.75)
     assert r.gptq == GPTQOptions(0.01, True, 128, 5)
     assert r.ignore == ("lm_head",)
@@ -123,7 +125,8 @@ def test_wrong_types_are_refused(data, where):
     ({"weights": {"bits": 1}}, ["recipe.weights.bits=1"]),
     ({"weights": {"group_size": 100}}, ["recipe.weights.group_size=100", "(-1, 32, 64, 128)"]),
     ({"weights": {"group_size": 0}}, ["recipe.weights.group_size=0"]),
-    ({"version": 2}, ["recipe.version=2"]),
+    ({"version": 3}, ["recipe.version=3"]),
+    ({"storage": {"dtype": "int8"}}, ["recipe.storage.dtype='int8'", "bfloat16"]),
     ({"version": 0}, ["recipe.version=0"]),
     ({"method": "awq"}, ["recipe.method='awq'", "rtn", "gptq"]),
     ({"gptq": {"dampening": 0.0}}, ["recipe.gptq.dampening=0.0"]),
@@ -177,3 +180,19 @@ def test_load_errors_name_the_file(tmp_path):
 def test_unknown_keys_of_mixed_types():
     """Two unknown keys of different types (possible in YAML) are still a FrugalError."""
     raises_naming({1: "x", "bitz": 4}, "unknown key")
+
+
+def test_version_1_recipes_keep_their_meaning():
+    """A version 1 recipe (saved before storage.dtype and weights.signed_scale existed) reads as version 2
+    with float32 storage and the max|w| symmetric grid in `weights` and every override, so it gives the
+    bytes it gave; keys it set itself win, and the caller's mapping is not changed."""
+    v1 = {"version": 1, "weights": {"bits": 3}, "overrides": [{"match": "*.q_proj", "weights": {"bits": 8}},
+                                                              {"match": "*.k_proj", "weights": {"signed_scale": True}}]}
+    before = json.dumps(v1, sort_keys=True)
+    r = Recipe.from_dict(v1)
+    assert json.dumps(v1, sort_keys=True) == before
+    assert r.version == RECIPE_VERSION and r.storage.dtype == "model"
+    assert r.weights == WeightScheme(3, 128, True, signed_scale=False)
+    assert r.overrides[0].weights.signed_scale is False and r.overrides[1].weights.signed_scale is True
+    assert Recipe.from_dict(json.loads(r.to_json())) == r  # a written recipe is version 2 and round-trips
+    assert Recipe.from_dict({"version": 1, "storage": {"dtype": "float16"}}).storage.dtype == "float16"

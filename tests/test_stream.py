@@ -91,10 +91,15 @@ def test_output_loads_in_transformers(tiny_model_factory, tmp_path):
     res = frugal.compress(str(src), GPTQ, IDS)
     out = compress_streaming(str(src), GPTQ, tmp_path / "s", IDS)
     assert len(list(out.glob("model-*.safetensors"))) == 3  # one shard per block + the outside pieces
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out)
+    from frugal.load.model import load_model
+
     ids = torch.arange(3, 40)[None]
+    exact = load_model(out).model  # frugal's reader: (q - z) * s in float32, the model frugal measured
+    # transformers multiplies codes by the 16-bit scales in 16 bits: one more rounding of every weight
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     with torch.no_grad():
-        assert (reloaded(ids).logits - res.model(ids).logits).abs().max() <= 1e-4
+        assert torch.equal(exact(ids).logits, res.model(ids).logits)
+        assert (reloaded(ids).logits - res.model(ids).logits).abs().max() <= 2e-2
 
 
 def test_refusals_before_work(tiny_model_factory, tmp_path):

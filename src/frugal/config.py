@@ -18,7 +18,27 @@ from frugal.quant.options import (SCALE_DTYPES, SUPPORTED_BITS, SUPPORTED_GROUPS
                                   GPTQOptions, HQQOptions, RefineOptions, ROTATIONS, RotationOptions,
                                   WeightScheme)
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
+STORAGE_DTYPES = ("model", "bfloat16", "float16", "float32")
+
+
+@dataclass(frozen=True)
+class StorageOptions:
+    """How what stays unquantized is held: `dtype` of the embeddings, head, norms and biases (rounded to it
+    before calibration, so the measured model is the stored one) and of the scales when
+    weights.scale_dtype is "model"; "model" keeps the loaded model's dtype (float32 in frugal)."""
+
+    dtype: str = "bfloat16"
+
+    def validate(self, where: str) -> None:
+        if self.dtype not in STORAGE_DTYPES:
+            raise FrugalError(f"{where}.dtype={self.dtype!r}: choose one of {', '.join(STORAGE_DTYPES)}")
+
+
+# What version 1 recipes meant by the keys version 2 added (a saved recipe keeps its output bytes).
+V1_DEFAULTS = {("storage", "dtype"): "model", ("weights", "signed_scale"): False}
+
+
 @dataclass(frozen=True)
 class CalibrationOptions:
     """How many calibration sequences of how many tokens; which ones is decided by the recipe seed."""
@@ -62,6 +82,7 @@ class Recipe:
     awq: AWQOptions = field(default_factory=AWQOptions)  # activation-aware scaling before RTN or GPTQ
     rotation: RotationOptions = field(default_factory=RotationOptions)  # fused before anything else
     refine: RefineOptions = field(default_factory=RefineOptions)  # block output-error refinement after the quantizer
+    storage: StorageOptions = field(default_factory=StorageOptions)  # dtype of the unquantized tensors
     calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
     ignore: tuple[str, ...] = ("lm_head",)  # fnmatch patterns of linear layers kept in float
     seed: int = 0
@@ -115,6 +136,16 @@ class Recipe:
                 raise FrugalError(f"recipe.gguf_type={self.gguf_type!r}: supported llama.cpp file types are "
                                   f"{', '.join(FILE_TYPES)}")
 
+    def storage_dtype(self, weight_dtype: Any) -> Any:
+        """The torch dtype unquantized tensors (and "model" scales) are stored in."""
+        import torch
+
+        return weight_dtype if self.storage.dtype == "model" else getattr(torch, self.storage.dtype)
+
+    def scale_dtype_for(self, scheme: WeightScheme, weight_dtype: Any) -> Any:
+        """The torch dtype of a layer's scales: the scheme's own, or with "model" the storage dtype."""
+        return scheme.torch_scale_dtype(self.storage_dtype(weight_dtype))
+
     def override_for(self, layer: str) -> LayerOverride | None:
         """The first override whose pattern matches the layer name, or None."""
         import fnmatch
@@ -148,7 +179,7 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Recipe":
-        return _build(cls, data, "recipe")
+        return _build(cls, upgrade(data), "recipe")
 
     @classmethod
     def load(cls, path: str | Path) -> "Recipe":
@@ -172,6 +203,21 @@ class Recipe:
             return cls.from_dict(data)
         except FrugalError as e:
             raise FrugalError(f"{path}: {e}") from None
+
+
+def upgrade(data: Any) -> Any:
+    """A version 1 recipe as version 2: the keys version 2 added get the values that keep its meaning."""
+    if not isinstance(data, dict) or data.get("version") != 1:
+        return data
+    data = json.loads(json.dumps(data))  # a deep copy; the caller's mapping stays as it was
+    data["version"] = RECIPE_VERSION
+    schemes = [data.setdefault("weights", {})] + [o.setdefault("weights", {}) for o in data.get("overrides") or []
+                                                  if isinstance(o, dict)]
+    for (section, key), value in V1_DEFAULTS.items():
+        for target in (schemes if section == "weights" else [data.setdefault(section, {})]):
+            if isinstance(target, dict):
+                target.setdefault(key, value)
+    return data
 
 
 def _build(cls: type, data: Any, where: str) -> Any:

@@ -31,7 +31,7 @@ def test_architectures_written(tiny_model_dir, tmp_path, family, cls, fmt):
         frugal.compress(str(src), recipe).save(out, fmt=fmt)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["architectures"] == [cls]
-    assert cfg["dtype"] == "float32"
+    assert cfg["dtype"] == "bfloat16"  # recipe.storage.dtype, the default
 
 
 def test_existing_architectures_are_kept(tiny_model_dir, tmp_path):

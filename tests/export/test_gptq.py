@@ -260,7 +260,7 @@ def test_same_input_gives_identical_bytes(saved, tmp_path):
 
 # -- float16 scales --------------------------------------------------------------------------------
 def test_float32_scales_are_converted_with_a_measured_warning(saved, tmp_path, caplog):
-    c, _ = saved("llama", 4, 32, False, scale_dtype="model")
+    c, _ = saved("llama", 4, 32, False, scale_dtype="float32")
     assert next(iter(c.quantized.values())).scale.dtype == torch.float32
     caplog.clear()  # the fixture's own save warned too
     with caplog.at_level(logging.WARNING, logger=LOGGER):

@@ -148,7 +148,7 @@ def test_clip_search_never_worse_per_group_and_regrids_exactly(symmetric):
     lo, hi = search_clip(w, gram, scheme, torch.float32, grid=20, max_shrink=0.5)
     wc = clip_weight(w, lo, hi)
     q_clip = rtn_quantize(wc, scheme)
-    s, z = params_from_range(lo.reshape(-1), hi.reshape(-1), 3, symmetric, torch.float32)
+    s, z = params_from_range(lo.reshape(-1), hi.reshape(-1), 3, symmetric, torch.float32, scheme.signed_scale)
     assert torch.equal(q_clip.scale.reshape(-1), s)
     if not symmetric:
         assert torch.equal(q_clip.zero_point.reshape(-1).float(), z)

@@ -19,7 +19,9 @@ from frugal.quant.rtn import rtn_quantize
 OUT, IN = 256, 512
 # Mean SQNR gain of HQQ over RTN (dB) at group 64, float16 scales, on `heavy_tailed` weights.
 # Measured on seeds 0-2: asym 1.37 / 0.65 / 0.23, sym 1.79 / 1.01 / 0.46 at 2 / 3 / 4 bits.
-MIN_GAIN = {(2, False): 1.0, (3, False): 0.45, (4, False): 0.15, (2, True): 1.4, (3, True): 0.75, (4, True): 0.3}
+# symmetric: against RTN's signed-extreme grid (measured +0.97 / +0.64 / +0.27 dB at 2 / 3 / 4 bits; that grid
+# is itself +1.88 / +1.20 / +0.76 dB over the max|w| / 7.5 grid HQQ was first measured against)
+MIN_GAIN = {(2, False): 1.0, (3, False): 0.45, (4, False): 0.15, (2, True): 0.8, (3, True): 0.5, (4, True): 0.2}
 # The user's cache, read before the test session points FRUGAL_CACHE at a private folder.
 USER_CACHE = cache_dir()
 
@@ -56,7 +58,7 @@ def test_exportable_grid(bits, group_size, symmetric):
     gs = 256 if group_size == -1 else group_size
     assert qw.q.dtype == torch.int8 and qw.scale.dtype == torch.float16 and qw.scale.shape == (64, 256 // gs)
     assert int(qw.q.min()) >= qmin and int(qw.q.max()) <= qmax
-    assert bool((qw.scale > 0).all())
+    assert bool((qw.scale != 0).all())  # signed symmetric grids may hold negative scales
     if symmetric:
         assert qw.zero_point is None
         z = torch.zeros(64, 256)
@@ -88,13 +90,14 @@ def test_better_than_rtn(bits, symmetric, scale_dtype):
 @pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_against_mse_clip_search(bits, symmetric):
-    """Against RTN with the MSE clip search, HQQ wins at 2 bits (measured +0.29 asym / +0.63 sym dB)
-    and stays within 0.25 dB at 3 and 4 bits, where clip search mostly wins (measured -0.12 .. +0.05)."""
+    """Against RTN with the MSE clip search, HQQ wins at 2 bits (measured +0.29 asym / +0.14 sym dB, the
+    symmetric one on the signed-extreme grid) and stays within 0.25 dB at 3 and 4 bits, where clip search
+    mostly wins (measured -0.12 .. +0.05)."""
     w = heavy_tailed(0)
     scheme = WeightScheme(bits, 64, symmetric)
     clip = sqnr_db(w, rtn_quantize(w, scheme, ClipSearch(enabled=True), torch.float16).dequantize())
     hqq = sqnr_db(w, hqq_quantize(w, scheme, torch.float16).dequantize())
-    assert hqq - clip >= (0.15 if bits == 2 else -0.25), (hqq, clip)
+    assert hqq - clip >= ((0.1 if symmetric else 0.15) if bits == 2 else -0.25), (hqq, clip)
 
 
 def test_solver_lowers_lp_error():
@@ -132,7 +135,7 @@ def test_degenerate_groups():
     for symmetric in (False, True):
         qw = hqq_quantize(w, WeightScheme(4, 64, symmetric), torch.float16)
         w_hat = qw.dequantize()
-        assert torch.equal(w_hat[0], w[0]) and torch.isfinite(w_hat).all() and bool((qw.scale > 0).all())
+        assert torch.equal(w_hat[0], w[0]) and torch.isfinite(w_hat).all() and bool((qw.scale != 0).all())
         assert (w_hat[1, :64] - 0.5).abs().max() <= 0.5 / 7  # at most a half step of a [0, 0.5] grid
 
 
@@ -175,9 +178,9 @@ def real_layers() -> dict[str, torch.Tensor]:
                 for i in (0, 29) for n in ("self_attn.q_proj", "mlp.down_proj")}
 
 
-# SQNR gain over RTN on those layers together (dB), measured: asym 2.15 / 0.69 / 0.58, sym 2.51 / 0.98 / 0.55
-# at 2 / 3 / 4 bits (against RTN with MSE clip search: +0.41 / -0.21 / -0.10 asym, +0.74 / -0.32 / -0.35 sym).
-REAL_MIN_GAIN = {2: 1.5, 3: 0.4, 4: 0.3}
+# SQNR gain over RTN on those layers together (dB), measured: asym 2.15 / 0.69 / 0.58, sym 1.00 / 0.60 / 0.41
+# at 2 / 3 / 4 bits (sym: against RTN's signed-extreme grid; 2.51 / 0.98 / 0.55 against the max|w| / 7.5 one).
+REAL_MIN_GAIN = {(2, False): 1.5, (3, False): 0.4, (4, False): 0.3, (2, True): 0.8, (3, True): 0.4, (4, True): 0.3}
 
 
 @pytest.mark.parametrize("symmetric", [False, True], ids=["asym", "sym"])
@@ -192,7 +195,7 @@ def test_real_layers(real_layers, bits, symmetric):
         assert bool((e_hqq <= e_rtn).all()), name
         den_rtn, den_hqq = den_rtn + e_rtn.sum().item(), den_hqq + e_hqq.sum().item()
     gain = 10 * math.log10(den_rtn / den_hqq)
-    assert gain >= REAL_MIN_GAIN[bits], gain
+    assert gain >= REAL_MIN_GAIN[bits, symmetric], gain
 
 
 def test_recipe_method_hqq_compresses_without_calibration(tiny_model_dir, tmp_path):

@@ -38,7 +38,7 @@ def _quantize_weight(name: str, w: torch.Tensor, recipe: Recipe, h: torch.Tensor
     if ggml is not None:
         return method.quantize_ggml(w, h, ggml, recipe, name)
     scheme = recipe.scheme_for(name)
-    return method.quantize(w, h, scheme, recipe, scheme.torch_scale_dtype(w.dtype), name)
+    return method.quantize(w, h, scheme, recipe, recipe.scale_dtype_for(scheme, w.dtype), name)
 
 
 def quantize_layer(name: str, lin: nn.Module, recipe: Recipe, h: torch.Tensor | None,

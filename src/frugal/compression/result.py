@@ -85,6 +85,13 @@ class Compressed:
     report: CompressionReport
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def storage_dtype(self) -> Any:
+        """The dtype the unquantized tensors are stored in (recipe.storage), None when they stay as they are."""
+        import torch
+
+        dtype = self.report.recipe.storage_dtype(None)
+        return None if dtype in (None, torch.float32) else dtype
+
     def save(self, out: str | Path, overwrite: bool = False, fmt: str = "compressed-tensors") -> Path:
         """Write the model in format `fmt` (with frugal.json) into `out`, atomically."""
         from frugal.atomic import atomic_dir

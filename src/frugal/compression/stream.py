@@ -32,6 +32,7 @@ import torch.nn as nn
 from frugal.atomic import check_output_dir, publish_modes, replace_dir
 from frugal.calibrate import for_recipe
 from frugal.compression import methods, transforms
+from frugal.compression.transforms import Place
 from frugal.compression.engine import quantize_block, quantize_outside
 from frugal.compression.hooks import Stop, recording_calls, split_hidden
 from frugal.compression.plan import check_plan
@@ -140,11 +141,12 @@ class _Collect:
 
 
 # -- one block ------------------------------------------------------------------------------------
-def block_tensors(block: nn.Module, prefix: str, quantized: dict) -> dict[str, torch.Tensor]:
-    """The block's output tensors by full name, quantized weights packed as compressed-tensors."""
+def block_tensors(block: nn.Module, prefix: str, quantized: dict, dtype: Any = None) -> dict[str, torch.Tensor]:
+    """The block's output tensors by full name, quantized weights packed as compressed-tensors, float
+    tensors in `dtype` (None: as they are)."""
 
     rel = {name[len(prefix) + 1:]: qw for name, qw in quantized.items()}
-    return {f"{prefix}.{k}": v for k, v in compressed_state_dict(block, rel).items()}
+    return {f"{prefix}.{k}": v for k, v in compressed_state_dict(block, rel, dtype).items()}
 
 
 # -- the job ------------------------------------------------------------------------------------------
@@ -192,7 +194,7 @@ def _run_block(job: _Job, i: int, inputs: Sequence[torch.Tensor] | None, args: t
         write_slots(acts, out)
         if not job.in_ram:
             out = SlotFile(acts)  # the list goes; the next block reads its inputs from disk one at a time
-    sha = save_shard(block_tensors(block, prefix, q), job.shard_dir / job.shard_name(i))
+    sha = save_shard(block_tensors(block, prefix, q, _stored(job.recipe)), job.shard_dir / job.shard_name(i))
     release(block)
     del q
     job.progress("shard", i)
@@ -275,10 +277,16 @@ def _write_index(directory: Path) -> None:
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _write_metadata(model: nn.Module, tokenizer: Any, directory: Path, qc: dict) -> None:
+def _stored(recipe: Any) -> Any:
+    """The dtype unquantized tensors are written in (recipe.storage), None when they stay float32."""
+    dtype = recipe.storage_dtype(None)
+    return None if dtype in (None, torch.float32) else dtype
+
+
+def _write_metadata(model: nn.Module, tokenizer: Any, directory: Path, qc: dict, dtype: Any) -> None:
     """config.json (with quantization_config), generation config and tokenizer, as export.hf writes them."""
 
-    write_metadata(model, tokenizer, directory, qc)
+    write_metadata(model, tokenizer, directory, qc, dtype)
 
 
 def _finish(job: _Job, samples, outputs, tokenizer, report_args: tuple) -> None:
@@ -286,13 +294,14 @@ def _finish(job: _Job, samples, outputs, tokenizer, report_args: tuple) -> None:
 
     quantized, outside_reports = _quantize_outside(job, samples, outputs)
     prefix = job.blocks_name + "."
-    sd = {k: v for k, v in compressed_state_dict(job.model, quantized).items() if not k.startswith(prefix)}
+    sd = {k: v for k, v in compressed_state_dict(job.model, quantized, _stored(job.recipe)).items()
+          if not k.startswith(prefix)}
     save_shard(dedupe_tied(sd), job.shard_dir / job.shard_name(len(job.blocks)))
     _write_index(job.shard_dir)
     reports = {**layer_reports(dict(job.manifest["layers"])), **outside_reports}
     schemes = {n: _Scheme(r.bits, r.group_size, None if r.symmetric else True) for n, r in reports.items()}
     linears = [n for n, m in job.model.named_modules() if isinstance(m, nn.Linear)]
-    _write_metadata(job.model, tokenizer, job.shard_dir, quantization_config(schemes, linears))
+    _write_metadata(job.model, tokenizer, job.shard_dir, quantization_config(schemes, linears), _stored(job.recipe))
     report = CompressionReport(job.recipe, *report_args, layers=reports)
     (job.shard_dir / "frugal.json").write_text(json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n")
     job.progress("finish", len(job.blocks))
@@ -360,6 +369,8 @@ def compress_streaming(model: Any = None, recipe: Any = None, out: str | Path = 
     with locked(work):
         manifest = open_work(work, fingerprint(src, recipe, samples), len(blocks), resume)
         load_outside(skeleton, blocks_name, src)
+        for step in transforms.steps_at(recipe, Place.MODEL):  # those streaming runs (on what is loaded)
+            step(skeleton, recipe)
         job = _Job(src, skeleton, blocks_name, blocks, recipe, work, manifest, in_ram, progress or (lambda e, b: None))
         outputs = _run_blocks(job, samples)
         _finish(job, samples, outputs, tokenizer, (str(source), calib_info))

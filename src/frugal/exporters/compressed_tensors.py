@@ -58,11 +58,15 @@ def quantization_config(quantized: dict[str, QuantizedWeight], all_linears: list
     return d
 
 
-def compressed_state_dict(model: torch.nn.Module, quantized: dict[str, QuantizedWeight]) -> dict[str, torch.Tensor]:
-    """The model's state dict with each quantized `weight` replaced by its packed form."""
+def compressed_state_dict(model: torch.nn.Module, quantized: dict[str, QuantizedWeight],
+                          dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The model's state dict (float tensors in `dtype`, None: as they are) with each quantized `weight`
+    replaced by its packed form."""
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
-    sd = dict(model.state_dict())
+    from frugal.exporters.hf import dense_state_dict
+
+    sd = dense_state_dict(model, dtype)
     for name, qw in quantized.items():
         del sd[f"{name}.weight"]
         sd[f"{name}.weight_packed"] = pack_to_int32(qw.q, qw.bits)
@@ -82,6 +86,8 @@ def write(compressed: Any, directory: Any) -> None:
     model = compressed.model
     linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     qc = quantization_config(compressed.quantized, linears)
-    write_checkpoint(model, compressed.tokenizer, directory, compressed_state_dict(model, compressed.quantized), qc)
+    dtype = compressed.storage_dtype()
+    write_checkpoint(model, compressed.tokenizer, directory, compressed_state_dict(model, compressed.quantized, dtype),
+                     qc, dtype)
     report = json.dumps(compressed.report.to_dict(), indent=2, sort_keys=True) + "\n"
     (directory / "frugal.json").write_text(report)

@@ -185,9 +185,12 @@ def quantization_config(quantized: dict[str, QuantizedWeight], block_linears: li
 
 
 def gptq_state_dict(model: torch.nn.Module, quantized: dict[str, QuantizedWeight],
-                    fmt: str) -> dict[str, torch.Tensor]:
-    """The model's state dict with each quantized `weight` replaced by its GPTQ tensors."""
-    sd = dict(model.state_dict())
+                    fmt: str, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The model's state dict (float tensors in `dtype`, None: as they are) with each quantized `weight`
+    replaced by its GPTQ tensors."""
+    from frugal.exporters.hf import dense_state_dict
+
+    sd = dense_state_dict(model, dtype)
     for name, qw in quantized.items():
         del sd[f"{name}.weight"]
         for key, t in gptq_tensors(qw, fmt).items():
@@ -225,8 +228,9 @@ def write(compressed: Any, directory: Path) -> None:
     if qc["bits"] == 4 and qc["group_size"] == -1 and not qc["sym"]:
         log.warning("GPTQModel 7.6 on CPU auto-selects TorchFusedLinear for 4-bit per-channel checkpoints, which "
                     "ignores zero points: load this asymmetric one with backend='gptq_torch' (docs/formats-gptq.md)")
-    sd = gptq_state_dict(model, quantized, qc["checkpoint_format"])
-    write_checkpoint(model, compressed.tokenizer, directory, sd, qc)
+    dtype = compressed.storage_dtype()
+    sd = gptq_state_dict(model, quantized, qc["checkpoint_format"], dtype)
+    write_checkpoint(model, compressed.tokenizer, directory, sd, qc, dtype)
     report = compressed.report.to_dict()
     report["export"] = {
         "format": "gptq",

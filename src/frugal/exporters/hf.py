@@ -25,6 +25,20 @@ def dedupe_tied(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def dense_state_dict(model: torch.nn.Module, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """`model`'s state dict with its float tensors in `dtype` (None: as they are); tensors that share
+    storage (tied embeddings) stay shared, so `dedupe_tied` still writes them once."""
+    sd = dict(model.state_dict())
+    if dtype is None:
+        return sd
+    cast: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
+    for name, t in sd.items():
+        if t.is_floating_point() and t.dtype != dtype and t.device.type != "meta":
+            key = (t.untyped_storage().data_ptr(), tuple(t.shape))
+            sd[name] = cast.setdefault(key, t.to(dtype))
+    return sd
+
+
 def save_tensors(state_dict: dict[str, torch.Tensor], out: Path) -> list[str]:
     """Write `state_dict` as safetensors shards (with an index when there is more than one)."""
     from huggingface_hub import split_torch_state_dict_into_shards
@@ -42,17 +56,21 @@ def save_tensors(state_dict: dict[str, torch.Tensor], out: Path) -> list[str]:
 
 
 def write_checkpoint(model: Any, tokenizer: Any, out: Path, state_dict: dict[str, torch.Tensor],
-                     quantization_config: dict | None) -> None:
-    """Write a loadable checkpoint of `model`'s config with the given tensors into `out`."""
-    write_metadata(model, tokenizer, Path(out), quantization_config)
+                     quantization_config: dict | None, dtype: torch.dtype | None = None) -> None:
+    """Write a loadable checkpoint of `model`'s config with the given tensors into `out`; `dtype`: the
+    dtype its unquantized tensors are stored in (config.json's `dtype`)."""
+    write_metadata(model, tokenizer, Path(out), quantization_config, dtype)
     save_tensors(state_dict, Path(out))
 
 
-def write_metadata(model: Any, tokenizer: Any, out: Path, quantization_config: dict | None) -> None:
-    """config.json (with `quantization_config`, if any, and `architectures`, which vLLM and PaddleFormers
-    resolve the model class from: without it they build the model without its head), generation config
-    and tokenizer files."""
+def write_metadata(model: Any, tokenizer: Any, out: Path, quantization_config: dict | None,
+                   dtype: torch.dtype | None = None) -> None:
+    """config.json (with `quantization_config`, if any, `architectures`, which vLLM and PaddleFormers
+    resolve the model class from: without it they build the model without its head, and `dtype`, the
+    dtype engines load it in by default), generation config and tokenizer files."""
     cfg = copy.deepcopy(model.config)
+    if dtype is not None:
+        cfg.dtype = dtype
     if hasattr(cfg, "quantization_config"):
         delattr(cfg, "quantization_config")
     if quantization_config is not None:

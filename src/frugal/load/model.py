@@ -196,19 +196,18 @@ def _check_finite(model, directory: Path) -> None:
                 raise FrugalError(f"{directory}: weight {name} has {bad} NaN/Inf values")
 
 
-def _mixed_compressed(cfg: dict) -> bool:
-    """A compressed-tensors checkpoint whose config groups hold more than one weight scheme."""
+def _packed_compressed(cfg: dict) -> bool:
+    """A compressed-tensors `pack-quantized` checkpoint (what frugal writes), which frugal reads itself."""
     qc = cfg.get("quantization_config") or {}
-    groups = qc.get("config_groups") or {}
-    schemes = {json.dumps(g.get("weights"), sort_keys=True) for g in groups.values() if isinstance(g, dict)}
-    return qc.get("quant_method") == "compressed-tensors" and len(schemes) > 1
+    return qc.get("quant_method") == "compressed-tensors" and qc.get("format") == "pack-quantized"
 
 
-def _from_mixed_compressed(directory: Path, dtype: Any) -> Any:
-    """transformers 5.23's dequantize-at-load route (the one frugal needs for float weights, and the one
-    asymmetric checkpoints take) unpacks every dense layer with one config group (`get_dense_scheme`),
-    wrong for a mixed-precision checkpoint; build the model from its config instead and fill it: packed
-    layers unpacked and dequantized by frugal (exactly), every other tensor as stored."""
+def _from_packed_compressed(directory: Path, dtype: Any) -> Any:
+    """Build the model from its config and fill it: packed layers unpacked and dequantized by frugal,
+    (q - z) * s in float32 and then `dtype`, every other tensor as stored (cast to `dtype`). transformers
+    5.23's dequantize-at-load route multiplies in the scales' dtype (16-bit scales round every weight
+    again) and unpacks every dense layer with one config group (`get_dense_scheme`), wrong for a
+    mixed-precision checkpoint; this one reproduces the model frugal measured exactly."""
     import torch
     import transformers
     from safetensors import safe_open
@@ -241,8 +240,8 @@ def _from_pretrained(directory: Path, cfg: dict, dtype: Any, allow_pickle: bool)
     would initialise them at random and only log it) or holds them in another shape."""
     import transformers
 
-    if _mixed_compressed(cfg):
-        return _from_mixed_compressed(directory, dtype)
+    if _packed_compressed(cfg):
+        return _from_packed_compressed(directory, dtype)
 
     kwargs = {}
     if (cfg.get("quantization_config") or {}).get("quant_method") == "compressed-tensors":

@@ -116,11 +116,12 @@ def search_clip(w: torch.Tensor, gram: torch.Tensor, scheme: WeightScheme, scale
     wg = w.float().reshape(out_f * n_groups, gs)  # (out * n_groups, gs)
     idx = torch.arange(n_groups)
     g_diag = gram.reshape(n_groups, gs, n_groups, gs)[idx, :, idx, :]  # (n_groups, gs, gs) diagonal blocks
-    lo0, hi0 = _group_ranges(wg, scheme.symmetric)
+    lo0, hi0 = _group_ranges(wg, scheme.symmetric and not scheme.signed_scale)
     best = torch.full((out_f * n_groups,), math.inf)
     lo, hi = lo0.clone(), hi0.clone()
     for p in torch.linspace(1.0, max_shrink, grid + 1).tolist():
-        s, z = params_from_range(lo0 * p, hi0 * p, scheme.bits, scheme.symmetric, scale_dtype)
+        s, z = params_from_range(lo0 * p, hi0 * p, scheme.bits, scheme.symmetric, scale_dtype,
+                                scheme.signed_scale)
         clipped = torch.minimum(torch.maximum(wg, lo0[:, None] * p), hi0[:, None] * p)
         dw = (fake_quantize(clipped, s[:, None], z[:, None], scheme.bits) - wg).reshape(out_f, n_groups, gs)
         err = torch.einsum("ogi,gij,ogj->og", dw, g_diag, dw).reshape(-1)  # (out * n_groups,)

@@ -118,7 +118,8 @@ def gptq_quantize(
     def quant_col(x: torch.Tensor, col: int, w1: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         g = int(group_of[col])
         if not static and col % gs == 0:  # dynamic groups: grid from the updated weights
-            scale[:, g], zero[:, g] = group_params(w1[:, i : i + gs], scheme.bits, scheme.symmetric, scale_dtype, clip)
+            scale[:, g], zero[:, g] = group_params(w1[:, i : i + gs], scheme.bits, scheme.symmetric, scale_dtype, clip,
+                                                       scheme.signed_scale)
         q = quantize_codes(x, scale[:, g], zero[:, g], scheme.bits)  # (out,)
         return q, (q - zero[:, g]) * scale[:, g]
 

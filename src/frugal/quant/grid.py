@@ -2,7 +2,10 @@
 
 Codes are signed integers in [-2^(b-1), 2^(b-1) - 1], the convention compressed-tensors stores:
     q = clamp(round(w / s) + z, qmin, qmax),    w_hat = (q - z) * s
-Symmetric grids have z = 0 and s = max|w| / ((2^b - 1) / 2), as in the reference GPTQ code.
+Symmetric grids have z = 0. By default (`signed`) the group's signed extreme (its largest-magnitude
+weight, with its sign) lands on the lowest code: s = extreme / -2^(b-1), negative when the extreme is
+positive, so every one of the 2^b levels is used (llama.cpp's Q4_0 and NNCF's INT4_SYM do this). With
+`signed=False`, s = max|w| / ((2^b - 1) / 2) as in the reference GPTQ code.
 """
 
 from __future__ import annotations
@@ -52,19 +55,24 @@ def group_size_of(scheme: WeightScheme, in_features: int) -> int:
 
 
 def params_from_range(
-    xmin: torch.Tensor, xmax: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torch.dtype
+    xmin: torch.Tensor, xmax: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torch.dtype,
+    signed: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point (float, same shape as xmin) covering [xmin, xmax]."""
+    """Scale and zero point (float, same shape as xmin) covering [xmin, xmax] (xmin <= 0 <= xmax);
+    `signed` symmetric grids put the signed extreme on the lowest code (see the module docstring)."""
     qmin, qmax = qrange(bits)
-    if symmetric:
+    if symmetric and signed:
+        scale = torch.where(xmin.abs() >= xmax, xmin, xmax) / qmin  # extreme / qmin lands on qmin
+    elif symmetric:
         amax = torch.maximum(xmin.abs(), xmax.abs())
         scale = amax / ((qmax - qmin) / 2)
-        zero = torch.zeros_like(scale)
     else:
         scale = (xmax - xmin) / (qmax - qmin)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero = torch.zeros_like(scale)
+    scale = torch.where(scale != 0, scale, torch.ones_like(scale))
     scale = scale.to(scale_dtype).float()  # quantize against the scale the file will hold
-    scale = scale.clamp_min(torch.finfo(scale_dtype).tiny)  # a tiny range must not underflow to 0
+    mag = scale.abs().clamp_min(torch.finfo(scale_dtype).tiny)  # a tiny range must not underflow to 0
+    scale = torch.where(scale < 0, -mag, mag)
     if not symmetric:
         zero = torch.clamp(qmin - torch.round(xmin / scale), qmin, qmax)
     return scale, zero
@@ -81,17 +89,18 @@ def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits
 
 
 def group_params(
-    wg: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torch.dtype, clip: ClipSearch | None = None
+    wg: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torch.dtype, clip: ClipSearch | None = None,
+    signed: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point per row of `wg` (rows, g); with `clip`, the MSE-optimal shrunk range."""
     xmin = wg.min(dim=1).values.clamp(max=0)
     xmax = wg.max(dim=1).values.clamp(min=0)
-    scale, zero = params_from_range(xmin, xmax, bits, symmetric, scale_dtype)
+    scale, zero = params_from_range(xmin, xmax, bits, symmetric, scale_dtype, signed)
     if clip is None or not clip.enabled:
         return scale, zero
     best = (fake_quantize(wg, scale[:, None], zero[:, None], bits) - wg).pow(2).sum(1)
     for p in torch.linspace(1.0, clip.max_shrink, clip.grid + 1)[1:].tolist():
-        s, z = params_from_range(xmin * p, xmax * p, bits, symmetric, scale_dtype)
+        s, z = params_from_range(xmin * p, xmax * p, bits, symmetric, scale_dtype, signed)
         err = (fake_quantize(wg, s[:, None], z[:, None], bits) - wg).pow(2).sum(1)
         better = err < best
         best = torch.where(better, err, best)
@@ -110,7 +119,7 @@ def grid_for(
         raise FrugalError(f"in_features {in_f} is not a multiple of group size {gs}")
     n_groups = in_f // gs
     wg = w.float().reshape(out_f * n_groups, gs)  # (out * n_groups, gs)
-    scale, zero = group_params(wg, scheme.bits, scheme.symmetric, scale_dtype, clip)
+    scale, zero = group_params(wg, scheme.bits, scheme.symmetric, scale_dtype, clip, scheme.signed_scale)
     return scale.reshape(out_f, n_groups), zero.reshape(out_f, n_groups)
 
 

@@ -31,8 +31,10 @@ _RTOL = 1e-3  # a group leaves the solver once its l_p error drops by less than 
 
 
 def _store(s: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
-    """Scale as the file will hold it (float32 values), never 0."""
-    return s.to(scale_dtype).float().clamp_min(torch.finfo(scale_dtype).tiny)
+    """Scale as the file will hold it (float32 values), never 0, its sign kept (signed symmetric grids)."""
+    s = s.to(scale_dtype).float()
+    mag = s.abs().clamp_min(torch.finfo(scale_dtype).tiny)
+    return torch.where(s < 0, -mag, mag)
 
 
 def _sq_err(wg: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int) -> torch.Tensor:
@@ -86,7 +88,7 @@ def _fit_scale(scale_dtype: torch.dtype) -> Callable:
     def fit(d, w_t, s, z):
         dd = d.pow(2).sum(1, keepdim=True)
         s_new = _store((w_t * d).sum(1, keepdim=True) / torch.where(dd > 0, dd, 1.0), scale_dtype)
-        return torch.where((dd > 0) & (s_new > 0), s_new, s), z
+        return torch.where((dd > 0) & (s_new * s > 0), s_new, s), z  # the sign of s is kept
     return fit
 
 
@@ -100,7 +102,7 @@ def refit_scale(wg: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int, s
     for _ in range(refits):
         dd = d.pow(2).sum(1, keepdim=True)
         s_ls = (wg * d).sum(1, keepdim=True) / torch.where(dd > 0, dd, 1.0)
-        s = torch.where((dd > 0) & (s_ls > 0), _store(s_ls, scale_dtype), s)
+        s = torch.where((dd > 0) & (s_ls * s > 0), _store(s_ls, scale_dtype), s)
         d = quantize_codes(wg, s, z, bits) - z
         err = (wg - d * s).pow_(2).sum(1, keepdim=True)
         best_s, best = torch.where(err < best, s, best_s), torch.minimum(err, best)
@@ -108,10 +110,10 @@ def refit_scale(wg: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int, s
 
 
 def hqq_groups(wg: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torch.dtype,
-               opts: HQQOptions) -> tuple[torch.Tensor, torch.Tensor]:
+               opts: HQQOptions, signed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and integer zero point (rows,) of every row of wg (rows, g): the best of RTN and HQQ."""
     qmin, qmax = qrange(bits)
-    s0, z0 = (t[:, None] for t in group_params(wg, bits, symmetric, scale_dtype))  # RTN grid, (rows, 1)
+    s0, z0 = (t[:, None] for t in group_params(wg, bits, symmetric, scale_dtype, signed=signed))  # RTN grid, (rows, 1)
     if symmetric:
         zeros = [z0]
     else:
@@ -147,7 +149,7 @@ def hqq_quantize(
     if in_f % gs:
         raise FrugalError(f"in_features {in_f} is not a multiple of group size {gs}")
     wg = w.float().reshape(-1, gs)  # (out * n_groups, gs)
-    scale, zero = hqq_groups(wg, scheme.bits, scheme.symmetric, scale_dtype, opts)
+    scale, zero = hqq_groups(wg, scheme.bits, scheme.symmetric, scale_dtype, opts, scheme.signed_scale)
     scale, zero = scale.reshape(out_f, -1), zero.reshape(out_f, -1)  # (out, n_groups)
     codes = quantize_codes(w.float(), scale.repeat_interleave(gs, 1), zero.repeat_interleave(gs, 1), scheme.bits)
     return pack_result(codes, scale, zero, scheme, scale_dtype)

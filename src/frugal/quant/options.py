@@ -35,12 +35,15 @@ def _check_ranges(where: str, options: Any, *rules: tuple[str, str]) -> None:
 
 @dataclass(frozen=True)
 class WeightScheme:
-    """Integer weight grid: `bits` per weight, one scale (and zero point) per `group_size` inputs."""
+    """Integer weight grid: `bits` per weight, one scale (and zero point) per `group_size` inputs.
+    `signed_scale` (symmetric grids): the group's signed extreme lands on the lowest code, scale =
+    extreme / -2^(b-1), using all 2^b levels (llama.cpp Q4_0, NNCF); false: max|w| / ((2^b - 1) / 2)."""
 
     bits: int = 4
     group_size: int = 128
     symmetric: bool = True
     scale_dtype: str = "model"
+    signed_scale: bool = True
 
     def torch_scale_dtype(self, weight_dtype: "Any") -> "Any":
         """The torch dtype scales are stored (and quantized against) in."""

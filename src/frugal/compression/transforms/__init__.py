@@ -20,6 +20,7 @@ BUILTIN = (
     "frugal.compression.transforms.rotation",
     "frugal.compression.transforms.awq",
     "frugal.compression.transforms.refine",
+    "frugal.compression.transforms.storage",  # last: rounds what the steps before it changed
 )
 REGISTRY = Registry("transform", BUILTIN, "TRANSFORM")
 register = REGISTRY.register  # register(transform) adds one (its name must be new and a Recipe field)

@@ -114,7 +114,7 @@ def _search_pair(block: nn.Module, prefix: str, pair: ScalePair, record: FamilyR
         return None
     ws = [block.get_submodule(n).weight for n in names]
     schemes = [recipe.scheme_for(f"{prefix}.{n}") for n in names]
-    qs = [rtn_quantizer(sc, sc.torch_scale_dtype(w.dtype)) for sc, w in zip(schemes, ws)]
+    qs = [rtn_quantizer(sc, recipe.scale_dtype_for(sc, w.dtype)) for sc, w in zip(schemes, ws)]
     st = stats[names[0]]
     res = search_scales(ws, qs, st.mean_abs(), st.gram(), recipe.awq.grid)
     fold_scales(block.get_submodule(pair.prev), [block.get_submodule(n) for n in pair.linears], res.scales,
@@ -129,7 +129,7 @@ def _clip_layer(name: str, lin: nn.Linear, stats: ActivationStats, recipe: Recip
     """Clamp the weight to the per-group ranges that minimise its output error on the block's inputs."""
     scheme = recipe.scheme_for(name)
     w = lin.weight.data
-    lo, hi = search_clip(w, stats.gram(), scheme, scheme.torch_scale_dtype(w.dtype), recipe.awq.grid,
+    lo, hi = search_clip(w, stats.gram(), scheme, recipe.scale_dtype_for(scheme, w.dtype), recipe.awq.grid,
                          recipe.awq.max_shrink)
     lin.weight.data = clip_weight(w, lo, hi)
 
