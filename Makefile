@@ -22,9 +22,10 @@ browser:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
 	  echo "chromium not installed: the report screenshot test will skip"; }
 
-# The main job: the default model (SmolLM2-135M-Instruct) to 4-bit GPTQ, with a before/after table.
+# The main job: the default model (SmolLM2-135M-Instruct) with the recommended recipe (AWQ scales +
+# asymmetric GPTQ, W4 g64, bfloat16 storage), a before/after table and the engines that run the output.
 demo: setup
-	$(BIN)/frugal compress --method gptq --bits 4 --group-size 64 --samples 32 -o out/demo --overwrite
+	$(BIN)/frugal compress --samples 32 -o out/demo --overwrite
 
 test: setup browser
 	$(BIN)/pytest -q -n 2 --dist loadgroup

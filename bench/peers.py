@@ -54,12 +54,13 @@ VENV_REQS: dict[str, list[str]] = {
     "hqq": ["hqq==0.2.8", "transformers", "accelerate"],
     "torchao": ["torchao==0.18.0", "transformers", "accelerate"],
     "quanto": ["optimum-quanto==0.2.7", "transformers", "accelerate"],
+    "nncf": ["nncf==3.4.0", "openvino==2026.4.1", "transformers==5.24.0"],
 }
 # import name of each venv's peer package, for its version
 VENV_MODULE = {"llmcompressor": "llmcompressor", "gptqmodel": "gptqmodel", "autoround": "auto_round",
-               "hqq": "hqq", "torchao": "torchao", "quanto": "optimum.quanto"}
+               "hqq": "hqq", "torchao": "torchao", "quanto": "optimum.quanto", "nncf": "nncf"}
 VENV_DIST = {"llmcompressor": "llmcompressor", "gptqmodel": "gptqmodel", "autoround": "auto-round",
-             "hqq": "hqq", "torchao": "torchao", "quanto": "optimum-quanto"}
+             "hqq": "hqq", "torchao": "torchao", "quanto": "optimum-quanto", "nncf": "nncf"}
 
 
 @dataclass
@@ -73,6 +74,11 @@ class Peer:
     env: dict[str, str] = field(default_factory=dict)
     calibrated: bool = True
     transformed: bool = False  # changes tensors besides the linears (AWQ folding, rotation): whole state saved
+    symmetric: bool = True  # the grid asked for (a runner's own report wins); --asym in args makes it False
+
+    def __post_init__(self):
+        if "--asym" in self.args:
+            self.symmetric = False
 
 
 PEERS = [
@@ -95,12 +101,31 @@ PEERS = [
          "run_llmcompressor.py", ["--method", "rtn"], calibrated=False),
     Peer("llmcompressor-gptq", "llm-compressor", "GPTQ (GPTQModifier)", "llmcompressor",
          "run_llmcompressor.py", ["--method", "gptq"]),
+    Peer("llmcompressor-rtn-asym", "llm-compressor", "RTN (QuantizationModifier), asymmetric", "llmcompressor",
+         "run_llmcompressor.py", ["--method", "rtn", "--asym"], calibrated=False),
+    Peer("llmcompressor-gptq-asym", "llm-compressor", "GPTQ (GPTQModifier), asymmetric", "llmcompressor",
+         "run_llmcompressor.py", ["--method", "gptq", "--asym"]),
     Peer("gptqmodel", "GPTQModel", "GPTQ", "gptqmodel", "run_gptqmodel.py",
          env={"GPTQMODEL_CPU_WORKERS": "2"}),
+    Peer("gptqmodel-asym", "GPTQModel", "GPTQ, asymmetric (sym=False)", "gptqmodel", "run_gptqmodel.py", ["--asym"],
+         env={"GPTQMODEL_CPU_WORKERS": "2"}),
     Peer("autoround", "AutoRound", "AutoRound (signed rounding)", "autoround", "run_autoround.py"),
-    Peer("hqq", "HQQ", "HQQ (calibration-free)", "hqq", "run_hqq.py", calibrated=False),
+    Peer("autoround-fast", "AutoRound", "AutoRound (signed rounding), iters=50, nsamples=32, seqlen=512, amp=False "
+         "(float32; its bf16 autocast is emulated on this AVX2 CPU)", "autoround", "run_autoround.py",
+         ["--iters", "50", "--nsamples", "32", "--kw", "amp=false"]),
+    Peer("nncf-int4-sym", "NNCF", "compress_weights INT4_SYM (data-free)", "nncf", "run_nncf.py",
+         ["--method", "int4_sym"], calibrated=False),
+    Peer("nncf-int4-asym", "NNCF", "compress_weights INT4_ASYM (data-free)", "nncf", "run_nncf.py",
+         ["--method", "int4_asym"], calibrated=False, symmetric=False),
+    Peer("nncf-awq-se", "NNCF", "compress_weights INT4_ASYM + AWQ + scale estimation, subset_size=32 (the first 32 "
+         "calibration sequences; 128 spend ~26 min in its statistics pass alone on this CPU)", "nncf", "run_nncf.py",
+         ["--method", "int4_asym+awq+se", "--nsamples", "32"], symmetric=False),
+    Peer("nncf-awq-se-gptq", "NNCF", "compress_weights INT4_ASYM + AWQ + scale estimation + GPTQ, subset_size=16",
+         "nncf", "run_nncf.py", ["--method", "int4_asym+awq+se+gptq", "--nsamples", "16"], symmetric=False),
+    Peer("hqq", "HQQ", "HQQ (calibration-free)", "hqq", "run_hqq.py", calibrated=False, symmetric=False),
     Peer("torchao", "torchao", "IntxWeightOnly (RTN)", "torchao", "run_torchao.py", calibrated=False),
-    Peer("quanto", "optimum-quanto", "qint4 weights (RTN)", "quanto", "run_quanto.py", calibrated=False),
+    Peer("quanto", "optimum-quanto", "qint4 weights (RTN)", "quanto", "run_quanto.py", calibrated=False,
+         symmetric=False),
 ]
 PEER_KEYS = [p.key for p in PEERS]
 
@@ -184,6 +209,8 @@ def venv_versions(venv: str | None) -> dict[str, str]:
         dists = [VENV_DIST[venv]] + dists
         if venv == "llmcompressor":
             dists.append("datasets")
+        if venv == "nncf":
+            dists.append("openvino")
     code = ("import json, importlib.metadata as m\nout = {}\n"
             f"for d in {dists!r}:\n    try: out[d] = m.version(d)\n    except Exception: pass\nprint(json.dumps(out))")
     r = subprocess.run([str(py), "-c", code], capture_output=True, text=True, env=_clean_env())
@@ -414,6 +441,9 @@ def main() -> None:
     ap.add_argument("--install-only", action="store_true", help="only create the peer virtualenvs")
     ap.add_argument("--reinstall", action="store_true", help="recreate the peer virtualenvs")
     ap.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
+    ap.add_argument("--render", action="store_true",
+                    help="only rewrite the docs section from the recorded bench/results/peers[-wN].json with the "
+                         "current table code (no runs, no evaluation; pass the --threads/--eval-threads it ran with)")
     ap.add_argument("--merge", action="store_true",
                     help="add the selected peers' rows to the recorded results of an earlier run with the same "
                          "protocol (its other rows are kept as recorded; evaluation is per model)")
@@ -430,6 +460,9 @@ def main() -> None:
             a.autoround_iters = 20
     if a.threads is None:
         a.threads = max(1, (os.cpu_count() or 1) // a.jobs)
+    if a.render:
+        render_recorded(a)
+        return
     t_start = time.perf_counter()
     LOGS.mkdir(parents=True, exist_ok=True)
 
@@ -569,17 +602,51 @@ def main() -> None:
         log.info("rewrote docs/benchmarks.md section peers")
 
 
+def render_recorded(a) -> None:
+    """Rewrite the docs section of --bits from its recorded results, as the last run would have with this code."""
+    from types import SimpleNamespace
+
+    import torch
+
+    name = f"peers{'' if a.bits == 4 else f'-w{a.bits}'}.json"
+    rec = json.loads((BENCH / "results" / name).read_text())
+    a.samples, a.group = rec["samples"], rec["group_size"]
+    a.windows = rec["protocol"]["max_tokens"] // rec["seq_len"]
+    if a.eval_threads:
+        torch.set_num_threads(a.eval_threads)
+    ref = SimpleNamespace(**rec["original"])
+    headers, rows = _rows(rec["peers"], ref, a)
+    body = _doc_body(rec["peers"], headers, rows, rec.get("versions", {}), a, ref, rec["total_seconds"])
+    write_section(ROOT / "docs" / "benchmarks.md", "peers" if a.bits == 4 else f"peers-w{a.bits}",
+                  f"frugal and peer libraries, W{a.bits} g{a.group}, on the default model", rec["command"], body)
+    log.info("rewrote docs/benchmarks.md section %s from bench/results/%s", name[:-5], name)
+
+
+MERGE_PPL_RTOL = 1e-3  # the original's perplexity may move this much (library versions) between merged runs
+
+
 def _merge(path: Path, records: dict, versions: dict, cmd: str, original, a) -> tuple[dict, dict, str]:
     """The earlier run's records (from `path`) with this run's rows added or replaced, in PEERS order; the
-    protocol (calibration, windows, the original's perplexity) must be the same."""
+    protocol (calibration, windows, bits, group) must be the same and the original's perplexity within
+    MERGE_PPL_RTOL (each new row records the original's perplexity of its run). On a mismatch this run's
+    rows are kept in `<name>.unmerged.json` before stopping."""
     if not path.is_file():
         raise SystemExit(f"--merge: {path} not found (run without --merge first)")
     prev = json.loads(path.read_text())
     same = (prev["samples"] == a.samples and prev["protocol"]["max_tokens"] == 512 * a.windows
-            and prev["bits"] == a.bits and prev["group_size"] == a.group
-            and abs(prev["original"]["ppl"] - original.ppl) < 1e-9)
-    if not same:
-        raise SystemExit(f"--merge: {path} was made with another protocol (samples, windows, bits, group or original)")
+            and prev["bits"] == a.bits and prev["group_size"] == a.group)
+    drift = abs(prev["original"]["ppl"] - original.ppl) / prev["original"]["ppl"]
+    for r in records.values():
+        r["original_ppl"] = original.ppl
+    if not same or drift > MERGE_PPL_RTOL:
+        side = path.with_suffix(".unmerged.json")
+        side.write_text(json.dumps({"original": original.to_dict(), "peers": records}, indent=2, default=str) + "\n")
+        raise SystemExit(f"--merge: {path} was made with another protocol (samples, windows, bits, group, or the "
+                         f"original's ppl {prev['original']['ppl']:.6f} recorded vs {original.ppl:.6f} now); "
+                         f"this run's rows are in {side}")
+    if drift:
+        log.warning("--merge: the original's ppl is %.6f here, %.6f recorded (relative %.1e)", original.ppl,
+                    prev["original"]["ppl"], drift)
     merged = {**prev["peers"], **records}
     order = {k: i for i, k in enumerate(PEER_KEYS)}
     merged = dict(sorted(merged.items(), key=lambda kv: order.get(kv[0], len(order))))
@@ -636,29 +703,82 @@ def _fmt_time(s: float | None) -> str:
     return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min"
 
 
+PEER_BY_KEY = {p.key: p for p in PEERS}
+
+
+def _is_symmetric(key: str, r: dict) -> bool:
+    """The grid a row used: the runner's own report, else what its peer entry asks for."""
+    res = r.get("runner") or {}
+    if "symmetric" in res:
+        return bool(res["symmetric"])
+    peer = PEER_BY_KEY.get(key)
+    return peer.symmetric if peer else True
+
+
+def _calibration(key: str, r: dict, a) -> str:
+    """Which calibration a row read: none (data-free) or sequences x tokens of the shared ids."""
+    peer = PEER_BY_KEY.get(key)
+    if peer is not None and not peer.calibrated:
+        return "none"
+    res = r.get("runner") or {}
+    cal = res.get("calibration_used") or res.get("calibration") or {"num_samples": a.samples, "seq_len": 512}
+    return f"{cal['num_samples']} x {cal['seq_len']}"
+
+
 def _rows(records: dict, ref, a) -> tuple[list[str], list[list[str]]]:
-    headers = ["library", "method", "bits", "group", "linear MB", "ppl", "KL (nats/tok)", "top-1",
-               "quantize / total", "peak RAM", "note"]
-    rows = [["original", "float32 (dequantized Q4_1 GGUF)", "32", "", "", f"{ref.ppl:.3f}", "", "", "", "", ""]]
+    headers = ["library", "method", "grid", "calibration", "bits", "group", "linear MB", "ppl", "KL (nats/tok)",
+               "top-1", "quantize / total", "peak RAM", "note"]
+    rows = [["original", "float32 (dequantized Q4_1 GGUF)", "", "", "32", "", "", f"{ref.ppl:.3f}", "", "", "", "",
+             ""]]
     for key, r in records.items():
         res = r.get("runner", {})
+        method = PEER_BY_KEY[key].method if key in PEER_BY_KEY else r["method"]
+        head = [r["library"], method, "sym" if _is_symmetric(key, r) else "asym", _calibration(key, r, a),
+                str(a.bits), str(a.group)]
         if "error" in r:
-            rows.append([r["library"], r["method"], str(a.bits), str(a.group), "", "", "", "", "", "", r["error"]])
+            rows.append(head + ["", "", "", "", "", "", r["error"]])
             continue
         e = r["eval"]
-        sym = res.get("symmetric", True)
-        note = [] if sym else ["asymmetric (zero points)"]
-        if r["bytes_source"] == "computed":
-            note.append("bytes computed (no saved format)")
-        if res.get("iters") is not None:
-            note.append(f"iters={res['iters']}")
-        if r.get("grid", {}).get("added_head_bytes"):
-            note.append(f"head untied by the rotation: +{r['grid']['added_head_bytes'] / 1e6:.1f} MB at fp16")
-        rows.append([r["library"], r["method"], str(a.bits), str(a.group), f"{r['bytes'] / 1e6:.2f}",
-                     f"{e['ppl']:.3f}", f"{e['kl']:.4f}", f"{100 * e['top1']:.1f}%",
-                     f"{_fmt_time(res.get('quant_seconds'))} / {_fmt_time(r.get('wall_seconds'))}",
-                     f"{r['peak_rss_kb'] / 1e6:.2f} GB", "; ".join(note)])
+        rows.append(head + [f"{r['bytes'] / 1e6:.2f}", f"{e['ppl']:.3f}", f"{e['kl']:.4f}", f"{100 * e['top1']:.1f}%",
+                            f"{_fmt_time(res.get('quant_seconds'))} / {_fmt_time(r.get('wall_seconds'))}",
+                            f"{r['peak_rss_kb'] / 1e6:.2f} GB", "; ".join(_row_notes(r))])
     return headers, rows
+
+
+def _row_notes(r: dict) -> list[str]:
+    res = r.get("runner", {})
+    note = []
+    if r["bytes_source"] == "computed":
+        note.append(f"bytes of {res['bytes_from']}" if res.get("bytes_from") else "bytes computed (no saved format)")
+    if res.get("iters") is not None:
+        note.append(f"iters={res['iters']}")
+    if r.get("grid", {}).get("added_head_bytes"):
+        note.append(f"head untied by the rotation: +{r['grid']['added_head_bytes'] / 1e6:.1f} MB at fp16")
+    return note
+
+
+def _best_text(records: dict, ref, a) -> str:
+    """Per grid kind (symmetric, asymmetric): frugal's best row against the best peer row, by perplexity,
+    with the ratio of their gaps to the float model."""
+    out = []
+    for sym in (True, False):
+        done = {k: r for k, r in records.items() if "error" not in r and _is_symmetric(k, r) == sym}
+        ours = {k: r for k, r in done.items() if r["library"] == "frugal"}
+        theirs = {k: r for k, r in done.items() if r["library"] != "frugal"}
+        if not ours or not theirs:
+            continue
+        fk = min(ours, key=lambda k: ours[k]["eval"]["ppl"])
+        pk = min(theirs, key=lambda k: theirs[k]["eval"]["ppl"])
+        fp, pp = ours[fk]["eval"]["ppl"], theirs[pk]["eval"]["ppl"]
+        cal = _calibration(pk, theirs[pk], a)
+        out.append(f"{'symmetric' if sym else 'asymmetric'} grids: frugal's best `{fk}` {fp:.3f} (gap to float "
+                   f"{fp - ref.ppl:.2f}) against the best peer `{pk}` ({theirs[pk]['library']}, "
+                   f"{'data-free' if cal == 'none' else cal + ' calibration'}) {pp:.3f} (gap {pp - ref.ppl:.2f}): "
+                   f"{(fp - ref.ppl) / (pp - ref.ppl):.2f} of it")
+    if not out:
+        return ""
+    return ("\nBest per grid kind (lowest perplexity among the rows that finished, each side compared only with "
+            "rows on the same kind of grid): " + "; ".join(out) + ".\n")
 
 
 def _checks_text(r: dict) -> str:
@@ -688,30 +808,47 @@ def _markdown(headers, rows) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _doc_body(records, headers, rows, versions, a, ref, total_seconds) -> str:
+def _intro_text(a, ref) -> str:
+    """The first paragraph of the doc section: what was quantized, how, and what the columns mean."""
+    return (
+        f"The default model (SmolLM2-135M-Instruct, dequantized from its Q4_1 GGUF to float32) quantized to "
+        f"W{a.bits}, groups of {a.group} inputs, decoder linear layers only (lm_head/embeddings float), by frugal "
+        f"and by each peer library in its own virtualenv (bench/.venvs/, torch 2.13.0 CPU). `grid`: `sym` is a "
+        f"scale per group (codes symmetric around 0), `asym` a scale and a zero point per group. `calibration`: "
+        f"`none` for data-free methods; calibrated methods all read the same {a.samples} x 512 token ids "
+        f"(`frugal.calibrate.from_text` on wikitext-2 `valid.txt`, seed 0), or the first N of them where the "
+        f"column says N x 512 (a setting that finishes on this CPU, named in the method). Each library's "
+        f"quantized weights are dequantized to float32 and evaluated here with frugal's protocol "
+        f"(docs/evaluation.md) against the original on the same {ref.tokens + a.windows} tokens of wikitext-2-raw "
+        f"test ({a.windows} windows of 512). Every output was checked to have at most {2 ** a.bits} distinct "
+        f"values in every group of {a.group} and the other tensors unchanged (except where a frugal recipe "
+        f"transforms the model: AWQ folds its scales into the preceding norm or linear, the rotation rotates "
+        f"embeddings and head).\n\n")
+
+
+def _columns_text(records, a, total_seconds) -> str:
     import torch
 
-    parts = [
-        f"The default model (SmolLM2-135M-Instruct, dequantized from its Q4_1 GGUF to float32) quantized to "
-        f"W{a.bits}, groups of {a.group} inputs, symmetric where the library allows it, decoder linear layers "
-        f"only (lm_head/embeddings float), by frugal and by each peer library in its own virtualenv "
-        f"(bench/.venvs/, torch 2.13.0 CPU). Calibrated methods all read the same {a.samples} x 512 token ids "
-        f"(`frugal.calibrate.from_text` on wikitext-2 `valid.txt`, seed 0). Each library's quantized weights "
-        f"are dequantized to float32 and evaluated here with frugal's protocol (docs/evaluation.md) against the "
-        f"original on the same {ref.tokens + a.windows} tokens of wikitext-2-raw test ({a.windows} windows "
-        f"of 512). Every output was checked to have at most {2 ** a.bits} distinct values in every group of "
-        f"{a.group} and the other tensors unchanged (except where a frugal recipe transforms the model: AWQ "
-        f"folds its scales into the preceding norm or linear, the rotation rotates embeddings and head).\n\n",
+    reused = any(r.get("reused") for r in records.values())
+    return (
         "`linear MB`: the quantized decoder linears (codes, scales, zero points, g_idx) as stored in the "
-        "library's own saved checkpoint, or, where it saves none, computed as packed codes + fp16 scales "
-        "(+ fp16 zero points). `quantize`: the library's quantization call; `total`: the whole runner process "
-        "(imports, loading, quantization, saving, dequantization, checks); `peak RAM`: the runner process's "
-        f"peak RSS. Shared 2-core CPU machine (other jobs may have been running), {a.jobs} runner(s) at a time "
-        f"with {a.threads} torch thread(s) each, evaluation with {torch.get_num_threads()}; "
-        + (f"whole run {total_seconds / 60:.0f} min.\n\n" if not any(r.get("reused") for r in records.values()) else
+        "library's own saved checkpoint (for NNCF the constants of its OpenVINO IR), or, where it saves none, "
+        "computed as packed codes + fp16 scales (+ fp16 zero points). `quantize`: the library's quantization "
+        "call; `total`: the whole runner process (imports, loading, quantization, saving, dequantization, "
+        "checks); `peak RAM`: the runner process's peak RSS. Shared 2-core CPU machine (other jobs may have "
+        f"been running), {a.jobs} runner(s) at a time with {a.threads} torch thread(s) each, evaluation with "
+        f"{torch.get_num_threads()}; "
+        + (f"whole run {total_seconds / 60:.0f} min.\n\n" if not reused else
            f"the runners' outputs were reused from an earlier run of the same command (--reuse), this one took "
-           f"{total_seconds / 60:.0f} min.\n\n"),
+           f"{total_seconds / 60:.0f} min.\n\n"))
+
+
+def _doc_body(records, headers, rows, versions, a, ref, total_seconds) -> str:
+    parts = [
+        _intro_text(a, ref),
+        _columns_text(records, a, total_seconds),
         _markdown(headers, rows),
+        _best_text(records, ref, a),
         "\nWhat each library was asked for, its defaults, and the checks of its output:\n\n",
     ]
     for key, r in records.items():

@@ -39,7 +39,26 @@ def parser(doc: str) -> argparse.ArgumentParser:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--method", default=None)
     ap.add_argument("--iters", type=int, default=None)
+    ap.add_argument("--asym", action="store_true", help="asymmetric grid (zero point per group) where the peer has one")
+    ap.add_argument("--nsamples", type=int, default=None,
+                    help="use only the first N calibration sequences (default: all of --calib)")
+    ap.add_argument("--kw", action="append", default=[], metavar="KEY=VALUE",
+                    help="an extra keyword argument for the library's call (VALUE read as JSON, else a string)")
     return ap
+
+
+def extra_kwargs(pairs: list[str]) -> dict:
+    """--kw KEY=VALUE pairs as a dict, each VALUE parsed as JSON (true, 4, 0.5) or kept as a string."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--kw {pair!r}: expected KEY=VALUE")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 class Run:
@@ -62,6 +81,12 @@ class Run:
         ids = load_file(self.args.calib)["input_ids"].long()
         self.result["calibration"] = {"num_samples": ids.shape[0], "seq_len": ids.shape[1]}
         return ids
+
+    def calib_subset(self, ids: torch.Tensor) -> torch.Tensor:
+        """The first --nsamples calibration sequences (all without it), recorded as the calibration used."""
+        n = min(self.args.nsamples or ids.shape[0], ids.shape[0])
+        self.result["calibration_used"] = {"num_samples": n, "seq_len": ids.shape[1]}
+        return ids[:n]
 
     def load_float(self):
         import transformers

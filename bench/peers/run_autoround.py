@@ -1,8 +1,8 @@
 """AutoRound: SignRound (signed-gradient rounding and clipping per block) through
-AutoRound(model, tokenizer, bits, group_size, sym=True, dataset=<the calibration ids>, nsamples=N,
-seqlen=L, iters=...) and .quantize(), its other defaults kept; the tuned fake-quantized weights are
-read from the model, then saved in its default auto_round format (the saved codes are unpacked and
-checked against them)."""
+AutoRound(model, tokenizer, bits, group_size, sym=True, dataset=<the calibration ids, or the first
+--nsamples of them>, nsamples=N, seqlen=L, iters=..., any --kw KEY=VALUE) and .quantize(), its other
+defaults kept; the tuned fake-quantized weights are read from the model, then saved in its default
+auto_round format (the saved codes are unpacked and checked against them)."""
 
 from __future__ import annotations
 
@@ -20,13 +20,16 @@ def run(r: _util.Run) -> None:
 
     a = r.args
     ids, model = r.float_model()
+    cal = r.calib_subset(ids)
     tok = r.tokenizer()
     names = list(_util.decoder_linears(model))
     shapes = {n: (m.in_features, m.out_features) for n, m in _util.decoder_linears(model).items()}
-    kw = dict(bits=a.bits, group_size=a.group, sym=True, dataset=[row[None] for row in ids],
-              nsamples=ids.shape[0], seqlen=ids.shape[1], device_map="cpu")
+    kw = dict(bits=a.bits, group_size=a.group, sym=True, dataset=[row[None] for row in cal],
+              nsamples=cal.shape[0], seqlen=cal.shape[1], device_map="cpu")
     if a.iters is not None:
         kw["iters"] = a.iters
+    extra = _util.extra_kwargs(a.kw)
+    kw |= extra
     ar = AutoRound(model, tok, **kw)
     cfg = {k: getattr(ar, k, None) for k in ("iters", "lr", "minmax_lr", "batch_size", "gradient_accumulate_steps",
                                              "nsamples", "seqlen", "enable_minmax_tuning", "enable_norm_bias_tuning",
@@ -42,9 +45,10 @@ def run(r: _util.Run) -> None:
     cfg = {k: v for k, v in cfg.items() if v is None or isinstance(v, (bool, int, float, str, torch.dtype))}
     r.result["autoround_config"] = {k: str(v) for k, v in cfg.items()}
     r.result["iters"] = a.iters if a.iters is not None else cfg.get("iters")
-    r.note(f"AutoRound(bits={a.bits}, group_size={a.group}, sym=True, dataset=<{ids.shape[0]} x {ids.shape[1]} ids>, "
-           f"nsamples={ids.shape[0]}, seqlen={ids.shape[1]}, device_map='cpu'"
-           f"{f', iters={a.iters}' if a.iters is not None else ''}); resolved settings: "
+    r.note(f"AutoRound(bits={a.bits}, group_size={a.group}, sym=True, dataset=<{cal.shape[0]} x {cal.shape[1]} ids>, "
+           f"nsamples={cal.shape[0]}, seqlen={cal.shape[1]}, device_map='cpu'"
+           f"{f', iters={a.iters}' if a.iters is not None else ''}"
+           + "".join(f", {k}={v!r}" for k, v in extra.items()) + "); resolved settings: "
            + ", ".join(f"{k}={v}" for k, v in cfg.items() if v is not None))
     with r.time("quant"):
         ar.quantize()

@@ -1,6 +1,7 @@
 """GPTQModel: GPTQ through GPTQModel.load(float model, QuantizeConfig(bits, group_size, sym=True)) and
 .quantize(calibration ids), its other defaults kept; saved in its GPTQ checkpoint format, which is
-unpacked here to float32."""
+unpacked here to float32. With --asym: sym=False and format=gptq_v2, whose zero points are stored as
+they are (the default v1 format stores them minus one, which underflows for a zero point of 0)."""
 
 from __future__ import annotations
 
@@ -16,13 +17,16 @@ import _util  # noqa: E402
 
 def run(r: _util.Run) -> None:
     from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
+    from gptqmodel.quantization import FORMAT
 
     a = r.args
     ids, float_model = r.float_model()
     shapes = {n: (m.in_features, m.out_features) for n, m in _util.decoder_linears(float_model).items()}
     del float_model
-    qcfg = QuantizeConfig(bits=a.bits, group_size=a.group, sym=True)
-    r.note(f"QuantizeConfig(bits={a.bits}, group_size={a.group}, sym=True), defaults: desc_act={qcfg.desc_act}, "
+    fmt_kw = {"format": FORMAT.GPTQ_V2} if a.asym else {}
+    qcfg = QuantizeConfig(bits=a.bits, group_size=a.group, sym=not a.asym, **fmt_kw)
+    asked = "sym=True" if not a.asym else "sym=False, format=gptq_v2"
+    r.note(f"QuantizeConfig(bits={a.bits}, group_size={a.group}, {asked}), defaults: desc_act={qcfg.desc_act}, "
            f"act_group_aware={getattr(qcfg, 'act_group_aware', None)}, damp_percent={getattr(qcfg, 'damp_percent', None)}, "
            f"damp_auto_increment={getattr(qcfg, 'damp_auto_increment', None)}, true_sequential={qcfg.true_sequential}, "
            f"mse={getattr(qcfg, 'mse', None)}, static_groups={getattr(qcfg, 'static_groups', None)}, "

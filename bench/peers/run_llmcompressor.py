@@ -1,8 +1,9 @@
 """llm-compressor: oneshot with GPTQModifier (--method gptq) or QuantizationModifier (--method rtn),
-one config group {targets: [Linear], weights: int<bits>, strategy group, group_size, symmetric},
-ignore [lm_head]; calibration = the given token ids as a datasets.Dataset. The quantized model is
-saved compressed (pack-quantized); the weights are fake-quantized with the model's own scales and
-zero points (compressed_tensors.fake_quantize, which its forward uses) to float32."""
+one config group {targets: [Linear], weights: int<bits>, strategy group, group_size, symmetric (with
+--asym symmetric: false, a zero point per group)}, ignore [lm_head]; calibration = the given token ids
+as a datasets.Dataset. The quantized model is saved compressed (pack-quantized); the weights are
+fake-quantized with the model's own scales and zero points (compressed_tensors.fake_quantize, which its
+forward uses) to float32."""
 
 from __future__ import annotations
 
@@ -26,8 +27,9 @@ def run(r: _util.Run) -> None:
     ids, model = r.float_model()
     tok = r.tokenizer()
     names = set(_util.decoder_linears(model))
+    sym = not a.asym
     groups = {"group_0": {"targets": ["Linear"],
-                          "weights": {"num_bits": a.bits, "type": "int", "symmetric": True,
+                          "weights": {"num_bits": a.bits, "type": "int", "symmetric": sym,
                                       "strategy": "group", "group_size": a.group}}}
     if method == "gptq":
         modifier = GPTQModifier(config_groups=groups, ignore=["lm_head"])
@@ -37,7 +39,8 @@ def run(r: _util.Run) -> None:
               if k in ("block_size", "dampening_frac", "actorder", "offload_hessians", "sequential_targets",
                        "observer", "weight_observer", "batched_quantization")}
     r.note(f"{type(modifier).__name__}(config_groups={{targets: [Linear], weights: int{a.bits} group {a.group} "
-           f"symmetric}}, ignore=[lm_head]); other fields at their defaults: {fields}")
+           f"{'symmetric' if sym else 'asymmetric (symmetric=False)'}}}, ignore=[lm_head]); "
+           f"other fields at their defaults: {fields}")
     kw = {}
     if method == "gptq":
         ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
@@ -67,7 +70,7 @@ def run(r: _util.Run) -> None:
     r.note(f"saved as compressed-tensors format={qc.get('format')}; weight args as saved: "
            + ", ".join(f"{k}={v}" for k, v in wargs.items() if v not in (None, {}, False) or k == "dynamic"))
     r.result["saved_format"] = f"compressed-tensors {qc.get('format')}"
-    r.result["symmetric"] = True
+    r.result["symmetric"] = bool(wargs.get("symmetric", sym))
     r.result["versions"] = _util.versions("llmcompressor", "compressed-tensors", "datasets")
 
 

@@ -106,7 +106,7 @@ class Recipe:
         """`method gptq, awq, refine`: the method and the enabled transforms, for messages."""
         from frugal.compression import transforms
 
-        return ", ".join([f"method {self.method}"] + [t.name for t in transforms.enabled(self)])
+        return ", ".join([f"method {self.method}"] + [t.name for t in transforms.enabled(self) if t.listed])
 
     def validate(self) -> None:
         from frugal.compression import methods, transforms
@@ -262,10 +262,25 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     return value
 
 
+# The recipe `frugal compress` and `frugal.compress` use when given none: the best perplexity per minute of
+# compression on the default model (AWQ scales + asymmetric GPTQ, W4 g64; docs/benchmarks.md "default-recipe").
+# `Recipe()` itself stays the plain dataclass defaults (symmetric GPTQ g128), which option-by-option recipes build on.
+RECOMMENDED: dict[str, Any] = {"method": "gptq", "weights": {"bits": 4, "group_size": 64, "symmetric": False},
+                               "awq": {"enabled": True, "clip": False}}
+
+
+def recommended() -> dict[str, Any]:
+    """The recommended recipe as a full recipe mapping (a fresh copy)."""
+    d = Recipe().to_dict()
+    for section, values in RECOMMENDED.items():
+        d[section] = {**d[section], **values} if isinstance(values, dict) else values
+    return d
+
+
 def as_recipe(recipe: "Recipe | dict | str | Path | None") -> "Recipe":
-    """A Recipe from a Recipe, a mapping, a .json/.yaml path, or None (the default recipe)."""
+    """A Recipe from a Recipe, a mapping, a .json/.yaml path, or None (the recommended recipe)."""
     if recipe is None:
-        return Recipe()
+        return Recipe.from_dict(recommended())
     if isinstance(recipe, Recipe):
         return recipe
     if isinstance(recipe, dict):

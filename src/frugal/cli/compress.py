@@ -27,16 +27,35 @@ def _output_format(a: argparse.Namespace, recipe) -> str:
     return a.format or (ggml_format() if recipe.gguf_type else default_format())
 
 
+def _preset(a: argparse.Namespace) -> dict:
+    """The recommended recipe (frugal.config.RECOMMENDED) less what the options given replace: its AWQ
+    when the named method calibrates nothing itself (RTN, HQQ stay calibration-free) or the target is a
+    GGML grid (--gguf-type), its asymmetric grid when the output is GGUF (Q4_0 holds the symmetric one
+    exactly). Options named explicitly (--awq, --asym) still win."""
+    from frugal.compression import methods
+    from frugal.config import recommended
+    from frugal.exporters import ggml_format
+
+    d = recommended()
+    if a.gguf_type or (a.method and not methods.get(a.method).needs_hessian):
+        d["awq"]["enabled"] = False
+    if a.gguf_type or a.format == ggml_format():
+        d["weights"]["symmetric"] = True
+    return d
+
+
 def recipe_from_args(a: argparse.Namespace):
     from frugal.config import Recipe
 
-    d = Recipe.load(a.recipe).to_dict() if a.recipe else Recipe().to_dict()
+    d = Recipe.load(a.recipe).to_dict() if a.recipe else _preset(a)
+    symmetric = True if a.sym else False if a.asym else None
+    awq = False if a.no_awq else True if a.awq_no_clip else a.awq
     sets = {("method",): a.method, ("weights", "bits"): a.bits, ("weights", "group_size"): a.group_size,
-            ("weights", "symmetric"): False if a.asym else None, ("weights", "scale_dtype"): a.scale_dtype, ("clip", "enabled"): a.mse_clip,
+            ("weights", "symmetric"): symmetric, ("weights", "scale_dtype"): a.scale_dtype, ("clip", "enabled"): a.mse_clip,
             ("gptq", "act_order"): False if a.no_act_order else None, ("gptq", "dampening"): a.damp,
             ("calibration", "num_samples"): a.samples, ("calibration", "seq_len"): a.calib_len, ("seed",): a.seed,
             ("gguf_type",): a.gguf_type, ("rotation", "kind"): a.rotate,
-            ("awq", "enabled"): True if a.awq_no_clip else a.awq, ("awq", "clip"): False if a.awq_no_clip else None,
+            ("awq", "enabled"): awq, ("awq", "clip"): False if a.awq_no_clip else True if a.awq else None, ("storage", "dtype"): a.dtype,
             ("refine", "enabled"): True if a.refine_norms else a.refine, ("refine", "iters"): a.refine_iters,
             ("refine", "norms"): a.refine_norms}
     for keys, value in sets.items():
@@ -113,9 +132,22 @@ def cmd_compress(a: argparse.Namespace) -> int:
     from frugal.report.table import table
 
     what = recipe.gguf_type or f"W{w.bits} g{w.group_size}{'' if w.symmetric else ' asym'}"
-    print(f"\n{recipe.method.upper()} {what}: {loaded.source.name} -> {out}")
+    print(f"\n{recipe.describe()}, {what}: {loaded.source.name} -> {out}")
     print(table(["", "original", "compressed", "change"], rows))
+    _print_engines(fmt, recipe, out)
     return 0
+
+
+def _print_engines(fmt: str, recipe, out: Path) -> None:
+    """Where the output runs and how (the format's `engines`)."""
+    from frugal.exporters import engines
+
+    rows = engines(fmt, recipe, str(out))
+    if rows:
+        width = max(len(e) for e, _ in rows)
+        print(f"\nRuns in ({fmt}):")
+        for engine, command in rows:
+            print(f"  {engine:<{width}}  {command}")
 
 
 def _preflight(a: argparse.Namespace, recipe, fmt: str, out: Path) -> str:
@@ -156,9 +188,10 @@ def _compress_streaming(a: argparse.Namespace, recipe, out: Path) -> int:
     from frugal.compression.preflight import checkpoint_tensors
 
     before = sum(t.offsets[1] - t.offsets[0] for t in checkpoint_tensors(directory).values())
-    print(f"\n{recipe.method.upper()} (streamed, one block in memory): {source.name} -> {out}")
+    print(f"\n{recipe.describe()} (streamed, one block in memory): {source.name} -> {out}")
     print(table(["", "original", "compressed", "change"],
                 [("weights", fmt_bytes(before), fmt_bytes(saved_bytes(out)), default_format()),
                  ("compression wall time", "", f"{time.perf_counter() - t0:.1f} s", "")]))
+    _print_engines(default_format(), recipe, out)
     log.info("streamed compression: no evaluation (run `frugal eval %s --ref MODEL`)", out)
     return 0

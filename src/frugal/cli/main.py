@@ -38,16 +38,24 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compress", help="quantize a model's weights and save it (compressed-tensors)")
     c.add_argument("model", nargs="?", default=None, help="model directory or .gguf file (default: SmolLM2-135M-Instruct)")
     c.add_argument("-o", "--output", help="output directory (default: out/<model>-<method>-w<bits>g<group>)")
-    c.add_argument("--recipe", help="recipe file (.yaml/.json); the options below override it")
+    c.add_argument("--recipe", help="recipe file (.yaml/.json); the options below override it (default: the "
+                   "recommended recipe, AWQ scales + asymmetric GPTQ W4 g64; docs/recipes.md)")
     c.add_argument("--method", choices=methods.names(), help=methods.help_text())
     c.add_argument("--bits", type=int)
     c.add_argument("--group-size", type=int, help="32, 64, 128, or -1 for one scale per output channel")
-    c.add_argument("--asym", action="store_true", default=None, help="asymmetric grid (with zero points)")
+    sym = c.add_mutually_exclusive_group()
+    sym.add_argument("--asym", action="store_true", default=None, help="asymmetric grid (with zero points)")
+    sym.add_argument("--sym", action="store_true", default=None, help="symmetric grid (the signed extreme on the "
+                     "lowest code, as llama.cpp's Q4_0)")
     c.add_argument("--scale-dtype", choices=["model", "float16", "bfloat16", "float32"],
-                   help="dtype the scales are stored in (default: the model's)")
+                   help="dtype the scales are stored in (default 'model': the --dtype)")
+    c.add_argument("--dtype", choices=["bfloat16", "float16", "float32", "model"],
+                   help="dtype of what stays unquantized (embeddings, head, norms) in the file (default bfloat16)")
     c.add_argument("--rotate", choices=["hadamard", "random"], help="fuse an orthogonal rotation of the residual "
                    "stream (and per-head value/output) into the weights before quantizing (Llama/Mistral/Qwen/Phi-3)")
-    c.add_argument("--awq", action="store_true", default=None, help="AWQ activation-aware scaling before RTN or GPTQ")
+    awq = c.add_mutually_exclusive_group()
+    awq.add_argument("--awq", action="store_true", default=None, help="AWQ activation-aware scaling before RTN or GPTQ")
+    awq.add_argument("--no-awq", action="store_true", default=None, help="no AWQ scaling (the recommended recipe has it)")
     c.add_argument("--awq-no-clip", action="store_true", default=None,
                    help="AWQ scales without its clip search (better before GPTQ; implies --awq)")
     c.add_argument("--refine", action="store_true", default=None, help="refine the codes and group scales of each block "

@@ -199,6 +199,8 @@ def estimate_tensors(tensors: dict[str, TensorInfo], hidden: int, recipe: Any = 
     hess = [0] * n_blocks
     outside = output = 0
     layer_work = 0
+    stored = recipe.storage_dtype(None)  # bytes per value of what stays unquantized in the file
+    store_bytes = FLOAT_BYTES if stored is None else stored.itemsize
 
     def counted(name: str, t: TensorInfo, in_block: bool) -> bool:  # stored quantized?
         if quantized is None:
@@ -213,10 +215,10 @@ def estimate_tensors(tensors: dict[str, TensorInfo], hidden: int, recipe: Any = 
         else:
             outside += nbytes
         if not counted(name, t, m is not None):
-            output += nbytes
+            output += t.numel * store_bytes if t.is_float else nbytes
             continue
         s = recipe.scheme_for(name[: -len(".weight")])
-        output += packed_bytes(*t.shape, s.bits, s.group_size, s.symmetric, scale_bytes(s.scale_dtype, FLOAT_BYTES))
+        output += packed_bytes(*t.shape, s.bits, s.group_size, s.symmetric, scale_bytes(s.scale_dtype, store_bytes))
         out_f, in_f = t.shape
         layer_work = max(layer_work, method.work_bytes(out_f, in_f))
         if m and method.needs_hessian:

@@ -18,8 +18,9 @@ def model_bytes(model: nn.Module) -> int:
 
 
 def saved_bytes(directory: str | Path) -> int:
-    """Bytes of the weight files of an output directory (safetensors, GGUF or ONNX)."""
-    files = [f for pat in ("*.safetensors", "*.gguf", "*.onnx", "*.onnx.data") for f in Path(directory).glob(pat)]
+    """Bytes of the weight files of an output directory (safetensors, GGUF, ONNX or OpenVINO IR)."""
+    patterns = ("*.safetensors", "*.gguf", "*.onnx", "*.onnx.data", "openvino_model.bin")
+    files = [f for pat in patterns for f in Path(directory).glob(pat)]
     return sum(f.stat().st_size for f in files)
 
 

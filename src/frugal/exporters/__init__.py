@@ -13,6 +13,7 @@ FORMATS = {
     "gptq": "frugal.exporters.gptq",
     "gguf": "frugal.exporters.gguf",
     "onnx": "frugal.exporters.onnx",
+    "openvino": "frugal.exporters.openvino",
 }
 
 
@@ -38,6 +39,12 @@ def check(fmt: str, model, recipe) -> None:
         raise FrugalError(f"--format {fmt}: {module.ONE_SCHEME}")
     if hasattr(module, "check"):
         module.check(model, recipe)
+
+
+def engines(fmt: str, recipe, out: str) -> list[tuple[str, str]]:
+    """(engine, command) pairs that run a `fmt` output of `recipe` at `out` (the format's `engines`)."""
+    module = importlib.import_module(FORMATS[fmt])
+    return module.engines(recipe, out) if hasattr(module, "engines") else []
 
 
 def default_format() -> str:

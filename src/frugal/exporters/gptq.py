@@ -314,3 +314,9 @@ def _read_layer(t: dict[str, torch.Tensor], name: str, qc: dict[str, Any], direc
     zero = None if sym and bool((z == offset).all()) else (z - offset).to(torch.int8)
     return QuantizedWeight(q=(u - offset).to(torch.int8), scale=t["scales"].T.contiguous(), zero_point=zero,
                            bits=bits, group_size=-1 if qc.get("group_size") == -1 else gs)
+
+
+def engines(recipe: Any, out: str) -> list[tuple[str, str]]:
+    """Where a GPTQ directory runs, with the command."""
+    return [("transformers + GPTQModel", f'AutoModelForCausalLM.from_pretrained("{out}")  # needs gptqmodel'),
+            ("vLLM", f"vllm serve {out}"), ("frugal", f"frugal eval {out} --ref MODEL")]

@@ -432,3 +432,9 @@ def write(compressed: Any, directory: Any) -> None:
         compressed.tokenizer.save_pretrained(directory)
     report = json.dumps(compressed.report.to_dict(), indent=2, sort_keys=True) + "\n"
     (directory / "frugal.json").write_text(report)
+
+
+def engines(recipe: Any, out: str) -> list[tuple[str, str]]:
+    """Where an ONNX directory runs, with the command."""
+    return [("ONNX Runtime", f'frugal.exporters.onnx_runtime.OrtCausalLM("{out}").generate_greedy(ids, 32)'),
+            ("ONNX Runtime (any language)", f"InferenceSession('{out}/model.onnx')  # com.microsoft.MatMulNBits")]

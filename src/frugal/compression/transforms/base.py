@@ -44,7 +44,7 @@ class Transform:
     functions (MODEL: f(model, recipe); block places: f(ctx: BlockContext)); `check(model, recipe)`
     refuses a model before any work. `float_targets`: the engine carries the float model's hidden states
     beside the quantized model's (the activations double). `ggml` / `streaming`: why a GGUF target / the
-    streaming engine cannot run it ("" when they can)."""
+    streaming engine cannot run it ("" when they can). `listed`: whether messages name it."""
 
     name: str  # its Recipe field
     summary: str
@@ -55,3 +55,4 @@ class Transform:
     check: Callable[[Any, Any], None] | None = None
     ggml: str = ""
     streaming: str = ""
+    listed: bool = True  # named in messages (Recipe.describe); False for bookkeeping such as the storage dtype
