@@ -16,7 +16,6 @@ limits: docs/formats-onnx.md.
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -422,14 +421,9 @@ def write(compressed: Any, directory: Any) -> None:
     with open(directory / DATA_FILE, "wb") as data:
         proto = build_model(compressed, data)
     (directory / "model.onnx").write_bytes(proto.SerializeToString(deterministic=True))
-    cfg = copy.deepcopy(model.config)
-    if hasattr(cfg, "quantization_config"):
-        delattr(cfg, "quantization_config")
-    cfg.save_pretrained(directory)
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(directory)
-    if compressed.tokenizer is not None:
-        compressed.tokenizer.save_pretrained(directory)
+    from frugal.exporters.hf import write_metadata
+
+    write_metadata(model, compressed.tokenizer, directory, None)  # config.json (architectures), tokenizer
     report = json.dumps(compressed.report.to_dict(), indent=2, sort_keys=True) + "\n"
     (directory / "frugal.json").write_text(report)
 

@@ -16,7 +16,6 @@ reset it to start a new sequence. Layout and limits: docs/formats.md.
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 from pathlib import Path
@@ -90,14 +89,9 @@ def write(compressed: Any, directory: Any) -> None:
     model = compressed.model
     # compress_to_fp16=False: every constant keeps the type chosen for it (f32 stays f32, exactly)
     ov.save_model(build_model(compressed), directory / XML_FILE, compress_to_fp16=False)
-    cfg = copy.deepcopy(model.config)
-    if hasattr(cfg, "quantization_config"):
-        delattr(cfg, "quantization_config")
-    cfg.save_pretrained(directory)
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(directory)
-    if compressed.tokenizer is not None:
-        compressed.tokenizer.save_pretrained(directory)
+    from frugal.exporters.hf import write_metadata
+
+    write_metadata(model, compressed.tokenizer, directory, None)  # config.json (architectures), tokenizer
     report = compressed.report.to_dict()
     report["export"] = {"format": "openvino", "openvino_format_version": int(FORMAT_VERSION),
                         "openvino": ov.__version__.split("-")[0], "max_weight_rel_change": 0.0}
