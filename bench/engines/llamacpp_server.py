@@ -22,12 +22,18 @@ import serve  # noqa: E402
 
 
 class Server:
+    """Two contexts: with logits_all for greedy (llama-cpp-python 0.3.36 leaves `scores` zero without it, so
+    the argmax would be token 0), without for speed (as llamacpp_runner.speed: the fed tokens are then 0s,
+    which costs the same per step)."""
+
     def __init__(self, path: str, threads: int, n_ctx: int = 1024):
         self.path, self.threads = path, threads
-        self.llm = llamacpp_runner._model(path, n_ctx, threads, logits_all=False)
+        self.fast = llamacpp_runner._model(path, n_ctx, threads, logits_all=False)
+        self.llm = llamacpp_runner._model(path, n_ctx, threads, logits_all=True)
 
-    def _next(self) -> int:
-        return int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+    def _next(self, llm=None) -> int:
+        llm = llm or self.llm
+        return int(np.argmax(llm.scores[llm.n_tokens - 1]))
 
     def ppl(self, windows: str, bos: int | None, out: str | None = None) -> dict:
         """`out` (where vLLM's runner writes its npz) is not used: the argmax comes back in the answer."""
@@ -46,14 +52,15 @@ class Server:
         return {"tokens": out}
 
     def speed(self, prompt: list[int], new: int) -> dict:
-        self.llm.reset()
+        llm = self.fast
+        llm.reset()
         t0 = time.perf_counter()
-        self.llm.eval(prompt)
-        tok = self._next()
+        llm.eval(prompt)
+        tok = self._next(llm)
         t1 = time.perf_counter()
         for _ in range(new - 1):
-            self.llm.eval([tok])
-            tok = self._next()
+            llm.eval([tok])
+            tok = self._next(llm)
         return {"prefill_s": t1 - t0, "decode_s": time.perf_counter() - t1}
 
 
