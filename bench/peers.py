@@ -111,7 +111,7 @@ PEERS = [
          env={"GPTQMODEL_CPU_WORKERS": "2"}),
     Peer("autoround", "AutoRound", "AutoRound (signed rounding)", "autoround", "run_autoround.py"),
     Peer("autoround-fast", "AutoRound", "AutoRound (signed rounding), iters=50, nsamples=32, seqlen=512, amp=False "
-         "(float32; its bf16 autocast is emulated on this AVX2 CPU)", "autoround", "run_autoround.py",
+         "(float32 instead of its bf16 autocast)", "autoround", "run_autoround.py",
          ["--iters", "50", "--nsamples", "32", "--kw", "amp=false"]),
     Peer("nncf-int4-sym", "NNCF", "compress_weights INT4_SYM (data-free)", "nncf", "run_nncf.py",
          ["--method", "int4_sym"], calibrated=False),
@@ -599,7 +599,7 @@ def main() -> None:
         body = _doc_body(records, headers, rows, versions, a, results["original"], total_seconds)
         write_section(ROOT / "docs" / "benchmarks.md", "peers" if a.bits == 4 else f"peers-w{a.bits}",
                       f"frugal and peer libraries, W{a.bits} g{a.group}, on the default model", cmd, body)
-        log.info("rewrote docs/benchmarks.md section peers")
+        log.info("rewrote docs/benchmarks.md section %s", "peers" if a.bits == 4 else f"peers-w{a.bits}")
 
 
 def render_recorded(a) -> None:

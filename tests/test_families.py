@@ -28,6 +28,9 @@ RTN_ASYM_RECIPE = {"method": "rtn", "weights": {"bits": 4, "group_size": 32, "sy
 # The loader dequantizes (q - z) * s in float32 exactly as frugal does, so the reloaded model and
 # frugal's in-memory model should agree to float rounding (observed: exactly 0).
 RELOAD_ATOL = 1e-4
+# plain from_pretrained computes in the stored bfloat16 (weights (q - z) * s rounded to it, bf16 matmuls):
+# measured up to 1.2e-2 on these tiny models; frugal's own reader is exact (tests/export/test_storage.py)
+RELOAD_ATOL_BF16 = 5e-2
 # 4-bit g32 must visibly change the logits ...
 MIN_CHANGE = 1e-3
 # ... but stay close to the original. Observed ||dlogits|| / ||logits||: 0.08-0.11 for most
@@ -157,9 +160,9 @@ def _run(runs, case: str) -> Run:
 def test_reload_in_fresh_process_matches(runs, case):
     run = _run(runs, case)
     assert run.reload_error is None, f"{case}: plain from_pretrained failed on {run.out}:\n{run.reload_error}"
-    assert run.extra["dtype"] == "torch.float32"
+    assert run.extra["dtype"] == "torch.bfloat16"  # config.json's dtype: recipe.storage.dtype
     diff = (run.reloaded - run.compressed).abs().max().item()
-    assert diff <= RELOAD_ATOL, f"{case}: reloaded logits differ from frugal's in-memory model by {diff:.3g}"
+    assert diff <= RELOAD_ATOL_BF16, f"{case}: reloaded logits differ from frugal's in-memory model by {diff:.3g}"
 
 
 @pytest.mark.parametrize("case", CASES)
