@@ -142,6 +142,14 @@ class Recipe:
 
         return weight_dtype if self.storage.dtype == "model" else getattr(torch, self.storage.dtype)
 
+    def cast_dtype(self) -> Any:
+        """The dtype writers cast unquantized float tensors to; None when they stay float32 (frugal computes
+        in float32, so "model" and "float32" change nothing)."""
+        import torch
+
+        dtype = self.storage_dtype(None)
+        return None if dtype in (None, torch.float32) else dtype
+
     def scale_dtype_for(self, scheme: WeightScheme, weight_dtype: Any) -> Any:
         """The torch dtype of a layer's scales: the scheme's own, or with "model" the storage dtype."""
         return scheme.torch_scale_dtype(self.storage_dtype(weight_dtype))

@@ -199,7 +199,7 @@ def estimate_tensors(tensors: dict[str, TensorInfo], hidden: int, recipe: Any = 
     hess = [0] * n_blocks
     outside = output = 0
     layer_work = 0
-    stored = recipe.storage_dtype(None)  # bytes per value of what stays unquantized in the file
+    stored = recipe.cast_dtype()  # bytes per value of what stays unquantized in the file
     store_bytes = FLOAT_BYTES if stored is None else stored.itemsize
 
     def counted(name: str, t: TensorInfo, in_block: bool) -> bool:  # stored quantized?

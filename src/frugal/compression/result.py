@@ -87,10 +87,7 @@ class Compressed:
 
     def storage_dtype(self) -> Any:
         """The dtype the unquantized tensors are stored in (recipe.storage), None when they stay as they are."""
-        import torch
-
-        dtype = self.report.recipe.storage_dtype(None)
-        return None if dtype in (None, torch.float32) else dtype
+        return self.report.recipe.cast_dtype()
 
     def save(self, out: str | Path, overwrite: bool = False, fmt: str = "compressed-tensors") -> Path:
         """Write the model in format `fmt` (with frugal.json) into `out`, atomically."""

@@ -194,7 +194,7 @@ def _run_block(job: _Job, i: int, inputs: Sequence[torch.Tensor] | None, args: t
         write_slots(acts, out)
         if not job.in_ram:
             out = SlotFile(acts)  # the list goes; the next block reads its inputs from disk one at a time
-    sha = save_shard(block_tensors(block, prefix, q, _stored(job.recipe)), job.shard_dir / job.shard_name(i))
+    sha = save_shard(block_tensors(block, prefix, q, job.recipe.cast_dtype()), job.shard_dir / job.shard_name(i))
     release(block)
     del q
     job.progress("shard", i)
@@ -277,12 +277,6 @@ def _write_index(directory: Path) -> None:
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _stored(recipe: Any) -> Any:
-    """The dtype unquantized tensors are written in (recipe.storage), None when they stay float32."""
-    dtype = recipe.storage_dtype(None)
-    return None if dtype in (None, torch.float32) else dtype
-
-
 def _write_metadata(model: nn.Module, tokenizer: Any, directory: Path, qc: dict, dtype: Any) -> None:
     """config.json (with quantization_config), generation config and tokenizer, as export.hf writes them."""
 
@@ -294,14 +288,14 @@ def _finish(job: _Job, samples, outputs, tokenizer, report_args: tuple) -> None:
 
     quantized, outside_reports = _quantize_outside(job, samples, outputs)
     prefix = job.blocks_name + "."
-    sd = {k: v for k, v in compressed_state_dict(job.model, quantized, _stored(job.recipe)).items()
+    sd = {k: v for k, v in compressed_state_dict(job.model, quantized, job.recipe.cast_dtype()).items()
           if not k.startswith(prefix)}
     save_shard(dedupe_tied(sd), job.shard_dir / job.shard_name(len(job.blocks)))
     _write_index(job.shard_dir)
     reports = {**layer_reports(dict(job.manifest["layers"])), **outside_reports}
     schemes = {n: _Scheme(r.bits, r.group_size, None if r.symmetric else True) for n, r in reports.items()}
     linears = [n for n, m in job.model.named_modules() if isinstance(m, nn.Linear)]
-    _write_metadata(job.model, tokenizer, job.shard_dir, quantization_config(schemes, linears), _stored(job.recipe))
+    _write_metadata(job.model, tokenizer, job.shard_dir, quantization_config(schemes, linears), job.recipe.cast_dtype())
     report = CompressionReport(job.recipe, *report_args, layers=reports)
     (job.shard_dir / "frugal.json").write_text(json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n")
     job.progress("finish", len(job.blocks))

@@ -36,6 +36,6 @@ def _after_quantize(ctx: BlockContext) -> None:
 
 
 TRANSFORM = Transform(name="storage", summary="round what stays unquantized to the storage dtype (16-bit)",
-                      enabled=lambda recipe: recipe.storage_dtype(torch.float32) != torch.float32,
+                      enabled=lambda recipe: recipe.cast_dtype() is not None,
                       steps={Place.MODEL: _model, Place.BLOCK_START: _block_start, Place.AFTER_QUANTIZE: _after_quantize},
                       needs_calibration=False, listed=False)
