@@ -272,8 +272,9 @@ def calibration_file(tokenizer, n: int, seq_len: int) -> Path:
 
 # ------------------------------------------------------------------------------------------- running
 
-def run_peer(peer: Peer, src: Path, orig: Path, calib: Path, out: Path, a) -> dict:
-    """Run one runner in its venv; returns the parent-side record (wall time, peak RSS, exit, error)."""
+def run_peer(peer: Peer, src: Path, orig: Path, calib: Path, out: Path, a, frugal_src: Path | None = None) -> dict:
+    """Run one runner in its venv; returns the parent-side record (wall time, peak RSS, exit, error).
+    `frugal_src`: the frugal sources a project-venv runner imports (default this tree's src/)."""
     py = venv_python(peer.venv)
     cmd = [str(py), str(BENCH / "peers" / peer.runner), "--model", str(src if peer.venv else orig),
            "--orig", str(orig), "--calib", str(calib), "--out", str(out), "--bits", str(a.bits),
@@ -288,7 +289,7 @@ def run_peer(peer: Peer, src: Path, orig: Path, calib: Path, out: Path, a) -> di
         "PEER_THREADS": threads, "OMP_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
         "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     if peer.venv is None:
-        env["PYTHONPATH"] = str(ROOT / "src")
+        env["PYTHONPATH"] = str(frugal_src or ROOT / "src")
     logfile = LOGS / f"{out.parent.name}-{peer.key}.log"
     rec = {"command": " ".join(cmd), "log": str(logfile.relative_to(ROOT))}
     t0 = time.perf_counter()

@@ -37,12 +37,13 @@ def raises_naming(data: dict, *names: str) -> str:
 
 
 def test_defaults():
-    """The default recipe is version 2, 4-bit g128 symmetric GPTQ on the signed-extreme grid with lm_head
-    kept unquantized and what stays unquantized in bfloat16."""
+    """The default recipe is version 3, 4-bit g128 symmetric GPTQ on the signed-extreme grid with lm_head
+    kept unquantized, what stays unquantized in bfloat16 and the scales in float16."""
     r = Recipe()
-    assert (r.version, r.method, r.seed) == (RECIPE_VERSION, "gptq", 0) and RECIPE_VERSION == 2
+    assert (r.version, r.method, r.seed) == (RECIPE_VERSION, "gptq", 0) and RECIPE_VERSION == 3
     assert r.weights == WeightScheme(4, 128, True, "model", signed_scale=True)
-    assert r.storage.dtype == "bfloat16"
+    assert (r.storage.dtype, r.storage.scale_dtype) == ("bfloat16", "float16")
+    assert r.calibration.batch_size == 8
     assert r.clip == ClipSearch(False, 40, 0.75)
     assert r.gptq == GPTQOptions(0.01, True, 128, 5)
     assert r.ignore == ("lm_head",)
@@ -125,7 +126,7 @@ def test_wrong_types_are_refused(data, where):
     ({"weights": {"bits": 1}}, ["recipe.weights.bits=1"]),
     ({"weights": {"group_size": 100}}, ["recipe.weights.group_size=100", "(-1, 32, 64, 128)"]),
     ({"weights": {"group_size": 0}}, ["recipe.weights.group_size=0"]),
-    ({"version": 3}, ["recipe.version=3"]),
+    ({"version": 4}, ["recipe.version=4"]),
     ({"storage": {"dtype": "int8"}}, ["recipe.storage.dtype='int8'", "bfloat16"]),
     ({"version": 0}, ["recipe.version=0"]),
     ({"method": "awq"}, ["recipe.method='awq'", "rtn", "gptq"]),
@@ -147,8 +148,8 @@ def test_direct_construction_validates():
     """Building a Recipe in Python validates it just like from_dict."""
     with pytest.raises(FrugalError, match=r"recipe\.weights\.bits=6"):
         Recipe(weights=WeightScheme(bits=6))
-    with pytest.raises(FrugalError, match=r"recipe\.version=3"):
-        Recipe(version=3)
+    with pytest.raises(FrugalError, match=r"recipe\.version=4"):
+        Recipe(version=4)
 
 
 def test_recipes_are_frozen():
@@ -183,16 +184,28 @@ def test_unknown_keys_of_mixed_types():
 
 
 def test_version_1_recipes_keep_their_meaning():
-    """A version 1 recipe (saved before storage.dtype and weights.signed_scale existed) reads as version 2
-    with float32 storage and the max|w| symmetric grid in `weights` and every override, so it gives the
+    """A version 1 recipe (saved before storage.dtype and weights.signed_scale existed) reads as version 3
+    with float32 storage (scales included) and the max|w| symmetric grid in `weights` and every override, so it gives the
     bytes it gave; keys it set itself win, and the caller's mapping is not changed."""
     v1 = {"version": 1, "weights": {"bits": 3}, "overrides": [{"match": "*.q_proj", "weights": {"bits": 8}},
                                                               {"match": "*.k_proj", "weights": {"signed_scale": True}}]}
     before = json.dumps(v1, sort_keys=True)
     r = Recipe.from_dict(v1)
     assert json.dumps(v1, sort_keys=True) == before
-    assert r.version == RECIPE_VERSION and r.storage.dtype == "model"
+    assert r.version == RECIPE_VERSION and (r.storage.dtype, r.storage.scale_dtype) == ("model", "model")
     assert r.weights == WeightScheme(3, 128, True, signed_scale=False)
     assert r.overrides[0].weights.signed_scale is False and r.overrides[1].weights.signed_scale is True
-    assert Recipe.from_dict(json.loads(r.to_json())) == r  # a written recipe is version 2 and round-trips
+    assert Recipe.from_dict(json.loads(r.to_json())) == r  # a written recipe is version 3 and round-trips
     assert Recipe.from_dict({"version": 1, "storage": {"dtype": "float16"}}).storage.dtype == "float16"
+
+
+def test_version_2_recipes_store_scales_in_their_storage_dtype():
+    """Version 2 stored "model" scales in storage.dtype: it reads as version 3 with scale_dtype = dtype."""
+    import torch
+
+    assert Recipe.from_dict({"version": 2}).storage.scale_dtype == "bfloat16"
+    r = Recipe.from_dict({"version": 2, "storage": {"dtype": "float32"}})
+    assert r.storage.scale_dtype == "float32" and r.scale_dtype_for(r.weights, torch.float32) == torch.float32
+    assert Recipe().scale_dtype_for(Recipe().weights, torch.float32) == torch.float16
+    with pytest.raises(FrugalError, match="storage.scale_dtype='int8'"):
+        Recipe.from_dict({"storage": {"scale_dtype": "int8"}})

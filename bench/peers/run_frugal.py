@@ -36,6 +36,7 @@ def run(r: _util.Run) -> None:
     with r.time("quant"):
         res = frugal.compress(loaded.model, recipe, ids, tokenizer=loaded.tokenizer, inplace=True)
     r.result["recipe"] = recipe.to_dict()
+    r.result["stages"] = dict(getattr(res.report, "stages", {}))  # wall seconds per stage (frugal >= 0.1 speed work)
     r.note(_describe(recipe, extra))
     r.result["symmetric"] = not extra.asym
     weights = {name: q.dequantize() for name, q in res.quantized.items()}

@@ -30,7 +30,7 @@ EVAL_TOKENS = 8192  # short default budget; benchmarks pass the full budget
 def _compress(model, tokenizer, source: str, recipe: Recipe, calibration: Any, formats: tuple[str, ...]) -> Compressed:
     """Compress `model` in place (the engine behind `compress`)."""
     from frugal import calibrate
-    from frugal.compression import transforms
+    from frugal.compression import timing, transforms
     from frugal.compression.engine import compress_model
     from frugal.compression.plan import check_plan
     from frugal.compression.transforms import Place
@@ -38,14 +38,39 @@ def _compress(model, tokenizer, source: str, recipe: Recipe, calibration: Any, f
     check_plan(model, recipe, formats)
     torch.manual_seed(recipe.seed)
     t0 = time.perf_counter()
-    for step in transforms.steps_at(recipe, Place.MODEL):  # function-preserving: calibration sees the result
-        step(model, recipe)
-    samples, calib_info = calibrate.for_recipe(calibration, tokenizer, model, recipe)
-    quantized, layers = compress_model(model, recipe, samples)
+    with timing.collect() as stages:
+        for name, step in transforms.named_steps_at(recipe, Place.MODEL):  # function-preserving: calibration sees the result
+            with timing.stage(name):
+                step(model, recipe)
+        with timing.stage("calibration data"):
+            samples, calib_info = calibrate.for_recipe(calibration, tokenizer, model, recipe)
+        quantized, layers = compress_model(model, recipe, samples)
     if not quantized:
         raise FrugalError("no linear layer was quantized (check recipe.ignore)")
-    report = CompressionReport(recipe, source, calib_info, layers, seconds=time.perf_counter() - t0)
+    report = CompressionReport(recipe, source, calib_info, layers, seconds=time.perf_counter() - t0, stages=stages)
+    log.info("compression stages: %s", timing.describe(stages))
     return Compressed(model=model, tokenizer=tokenizer, quantized=quantized, report=report)
+
+
+def _engine_recipe(engine: str) -> Recipe:
+    """The recommended recipe with the scale storage `engine` computes in (bfloat16 for vLLM)."""
+    from frugal.config import recommended
+    from frugal.exporters import check_engine_known, engine_scale_dtype
+
+    d = recommended()
+    check_engine_known(engine, Recipe())
+    d["storage"]["scale_dtype"] = engine_scale_dtype(engine, Recipe()) or d["storage"]["scale_dtype"]
+    return Recipe.from_dict(d)
+
+
+def _engine_formats(recipe: Recipe, formats: tuple[str, ...], engine: str) -> tuple[str, ...]:
+    """`formats`, led by the first format `engine` reads when none is given; FrugalError when `engine`
+    cannot run `recipe` in formats[0]."""
+    from frugal.exporters import check_engine, format_for_engine
+
+    formats = formats or (format_for_engine(engine, recipe),)
+    check_engine(formats[0], recipe, engine)
+    return formats
 
 
 def _streamed(model_or_path, recipe: Recipe, calibration, formats, budget, max_kl, out, overwrite, resume) -> Path:
@@ -67,7 +92,7 @@ def compress(model_or_path: Any = None, recipe: Recipe | dict | str | Path | Non
              *, tokenizer: Any = None, allow_pickle: bool = False, inplace: bool = False,
              formats: tuple[str, ...] = (), budget: str | None = None, max_kl: float | None = None,
              candidates: str | list[str] | None = None, stream: bool | None = None, out: str | Path | None = None,
-             overwrite: bool = False, resume: bool = True) -> Compressed | Path:
+             overwrite: bool = False, resume: bool = True, engine: str | None = None) -> Compressed | Path:
     """Compress a model (a transformers model, a directory, a GGUF file, or None for the default).
 
     `calibration`: a text file (default: shared wikitext-2 valid.txt), a (N, L) tensor of token ids,
@@ -80,12 +105,18 @@ def compress(model_or_path: Any = None, recipe: Recipe | dict | str | Path | Non
     in `result.report.mixed` (frugal.json "mixed_precision"). The analysis is cached when the model is
     given as a path.
 
+    `engine` (as `frugal compress --engine`: "vllm", "vllm-cpu", "llama.cpp", "openvino", ...): the engine the
+    result must run in; picks formats[0] when `formats` is empty and refuses, before any work, a recipe
+    that engine cannot run (frugal.exporters.check_engine).
+
     `out`: also save the result there (in formats[0], default compressed-tensors; `overwrite` an existing
     directory). `stream=True` compresses one decoder block in memory at a time (resumable, `resume`) into
     `out`, which it needs, and returns that path instead of a `Compressed` (a directory or .gguf model;
     compressed-tensors only, no mixed precision). `stream` None or False: in memory.
     """
-    recipe = as_recipe(recipe)
+    recipe = _engine_recipe(engine) if recipe is None and engine else as_recipe(recipe)
+    if engine:
+        formats = _engine_formats(recipe, tuple(formats), engine)
     if stream:
         return _streamed(model_or_path, recipe, calibration, tuple(formats), budget, max_kl, out, overwrite, resume)
     if budget is not None and max_kl is not None:
@@ -118,6 +149,8 @@ def compress(model_or_path: Any = None, recipe: Recipe | dict | str | Path | Non
 
             recipe, mixed = plan_budget(model, recipe, budget=budget, tokenizer=tokenizer, source=cache_source,
                                         calibration=calibration, candidates=candidates)
+            if engine:  # the plan may have picked formats the engine cannot run
+                _engine_formats(recipe, formats, engine)
         result = _compress(model, tokenizer, source, recipe, calibration, formats)
     result.report.mixed = mixed
     if out is not None:

@@ -29,7 +29,7 @@ def test_unquantized_tensors_and_scales_are_16_bit_and_exact(tiny_model_dir, tmp
     from frugal.load.model import load_model
 
     src = tiny_model_dir("llama", tie_word_embeddings=True)
-    res = frugal.compress(str(src), {**RTN, "storage": {"dtype": dtype}})
+    res = frugal.compress(str(src), {**RTN, "storage": {"dtype": dtype, "scale_dtype": dtype}})
     out = res.save(tmp_path / "o")
     stored = _tensors(out)
     floats = {k: t for k, t in stored.items() if t.is_floating_point()}
@@ -55,13 +55,27 @@ def test_16_bit_storage_halves_the_unquantized_bytes(tiny_model_dir, tmp_path):
     src = tiny_model_dir("qwen2")
     sizes = {}
     for dtype in ("bfloat16", "model"):
-        out = frugal.compress(str(src), {**RTN, "storage": {"dtype": dtype}}).save(tmp_path / dtype)
+        out = frugal.compress(str(src), {**RTN, "storage": {"dtype": dtype, "scale_dtype": dtype}}).save(tmp_path / dtype)
         t = _tensors(out)
         sizes[dtype] = {k: v.numel() * v.element_size() for k, v in t.items()}
         if dtype == "model":  # the loaded model's dtype: float32 files, as version 1 recipes wrote
             assert all(v.dtype in (torch.float32, torch.int32, torch.int64) for v in t.values())
     floats = [k for k in sizes["model"] if not k.endswith(("weight_packed", "weight_shape", "weight_zero_point"))]
     assert all(sizes["bfloat16"][k] * 2 == sizes["model"][k] for k in floats)
+
+
+def test_default_scales_are_float16_beside_bfloat16_tensors(tiny_model_dir, tmp_path):
+    """The default storage: scales in float16 (finer than bfloat16), the other float tensors in bfloat16;
+    the file holds the scales frugal quantized against."""
+    import frugal
+
+    res = frugal.compress(str(tiny_model_dir("llama")), RTN)
+    stored = _tensors(res.save(tmp_path / "o"))
+    scales = {k: t for k, t in stored.items() if k.endswith(".weight_scale")}
+    others = {k: t for k, t in stored.items() if t.is_floating_point() and k not in scales}
+    assert scales and all(t.dtype == torch.float16 for t in scales.values())
+    assert others and all(t.dtype == torch.bfloat16 for t in others.values())
+    assert all(torch.equal(t, res.quantized[k[: -len(".weight_scale")]].scale) for k, t in scales.items())
 
 
 def test_version_1_recipe_reproduces_float32_files(tiny_model_dir, tmp_path):
@@ -81,7 +95,7 @@ def test_gptq_export_of_bfloat16_scales_is_exact(tiny_model_dir, tmp_path, caplo
     from frugal.exporters.gptq import read_gptq
 
     src = tiny_model_dir("llama")
-    res = frugal.compress(str(src), RTN)
+    res = frugal.compress(str(src), {**RTN, "storage": {"scale_dtype": "bfloat16"}})
     with caplog.at_level(logging.WARNING):
         out = res.save(tmp_path / "g", fmt="gptq")
     assert not [r for r in caplog.records if "float16" in r.getMessage()]

@@ -19,12 +19,28 @@ def default_format() -> str:
 
 
 def _output_format(a: argparse.Namespace, recipe) -> str:
-    from frugal.exporters import ggml_format
+    """--format, else GGUF for --gguf-type, else the first format --engine reads, else the default; refused
+    here, before any work, when --engine cannot run the output."""
+    from frugal.exporters import check_engine, format_for_engine, ggml_format
 
     if recipe.gguf_type and a.format not in (None, ggml_format()):
         raise FrugalError(f"--format {a.format}: --gguf-type rounds onto GGML grids, which only --format "
                           f"{ggml_format()} holds")
-    return a.format or (ggml_format() if recipe.gguf_type else default_format())
+    engine = getattr(a, "engine", None)
+    fmt = a.format or (ggml_format() if recipe.gguf_type else format_for_engine(engine, recipe) if engine
+                       else default_format())
+    if engine:
+        check_engine(fmt, recipe, engine)
+    return fmt
+
+
+def _named_format(a: argparse.Namespace) -> str | None:
+    """The format the options name: --format, or the first one --engine reads (None: neither given)."""
+    from frugal.config import Recipe
+    from frugal.exporters import format_for_engine
+
+    engine = getattr(a, "engine", None)
+    return a.format or (format_for_engine(engine, Recipe()) if engine else None)
 
 
 def _preset(a: argparse.Namespace) -> dict:
@@ -33,14 +49,16 @@ def _preset(a: argparse.Namespace) -> dict:
     GGML grid (--gguf-type), its asymmetric grid when the output is GGUF (Q4_0 holds the symmetric one
     exactly). Options named explicitly (--awq, --asym) still win."""
     from frugal.compression import methods
-    from frugal.config import recommended
-    from frugal.exporters import ggml_format
+    from frugal.config import Recipe, recommended
+    from frugal.exporters import engine_scale_dtype, ggml_format
 
     d = recommended()
     if a.gguf_type or (a.method and not methods.get(a.method).needs_hessian):
         d["awq"]["enabled"] = False
-    if a.gguf_type or a.format == ggml_format():
+    if a.gguf_type or _named_format(a) == ggml_format():
         d["weights"]["symmetric"] = True
+    if getattr(a, "engine", None):
+        d["storage"]["scale_dtype"] = engine_scale_dtype(a.engine, Recipe()) or d["storage"]["scale_dtype"]
     return d
 
 
@@ -103,14 +121,15 @@ def cmd_compress(a: argparse.Namespace) -> int:
     plan_args = dict(tokenizer=loaded.tokenizer, source=loaded.source, calibration=calibration, candidates=a.candidates)
     if a.max_kl is not None:
         def one_round(r):
-            return frugal.compress(loaded.model, r, calibration, tokenizer=loaded.tokenizer, formats=(fmt,))
+            return frugal.compress(loaded.model, r, calibration, tokenizer=loaded.tokenizer, formats=(fmt,),
+                                   engine=a.engine)
 
         result, mixed = budget.compress_within_kl(loaded.model, recipe, a.max_kl, one_round, **plan_args)
     else:
         if a.budget:
             recipe, mixed = budget.plan_budget(loaded.model, recipe, budget=a.budget, **plan_args)
         result = frugal.compress(loaded.model, recipe, calibration, tokenizer=loaded.tokenizer, inplace=True,
-                                 formats=(fmt,))
+                                 formats=(fmt,), engine=a.engine)
     result.report.source = str(loaded.source)
     result.report.mixed = mixed
     compress_s = time.perf_counter() - t0
@@ -144,10 +163,10 @@ def _print_engines(fmt: str, recipe, out: Path) -> None:
 
     rows = engines(fmt, recipe, str(out))
     if rows:
-        width = max(len(e) for e, _ in rows)
+        width = max(len(e.name) for e in rows)
         print(f"\nRuns in ({fmt}):")
-        for engine, command in rows:
-            print(f"  {engine:<{width}}  {command}")
+        for e in rows:
+            print(f"  {e.name:<{width}}  {f'not this file: {e.refusal}' if e.refusal else e.command}")
 
 
 def _preflight(a: argparse.Namespace, recipe, fmt: str, out: Path) -> str:
@@ -161,7 +180,7 @@ def _preflight(a: argparse.Namespace, recipe, fmt: str, out: Path) -> str:
     source = resolve(a.model)
     if a.allow_pickle or (source.is_file() and source.suffix != ".gguf"):
         return "memory"  # the loader refuses or reads what streaming cannot
-    directory, _ = model_directory(source)
+    directory, _ = model_directory(source, warn=False)
     needs_memory = [why for why, bad in (("--format " + fmt, fmt != default_format()), ("--budget", a.budget),
                                          ("--max-kl", a.max_kl is not None), ("--data-free", a.data_free),
                                          ("--gguf-type", recipe.gguf_type),
@@ -184,7 +203,8 @@ def _compress_streaming(a: argparse.Namespace, recipe, out: Path) -> int:
 
     t0 = time.perf_counter()
     directory, source = model_directory(a.model)
-    frugal.compress(a.model, recipe, a.calib, stream=True, out=out, overwrite=a.overwrite, resume=not a.no_resume)
+    frugal.compress(a.model, recipe, a.calib, stream=True, out=out, overwrite=a.overwrite, resume=not a.no_resume,
+                    engine=a.engine)
     from frugal.compression.preflight import checkpoint_tensors
 
     before = sum(t.offsets[1] - t.offsets[0] for t in checkpoint_tensors(directory).values())

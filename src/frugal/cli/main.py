@@ -73,6 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--calib", help="calibration text file (default: shared wikitext-2 valid.txt)")
     g.add_argument("--data-free", action="store_true", help="calibrate on text the model generates itself")
     c.add_argument("--format", choices=format_choices, help="output format (default compressed-tensors; gguf with --gguf-type)")
+    c.add_argument("--engine", help="the engine the output must run in (vllm, vllm-cpu, llama.cpp, openvino, ...): "
+                   "picks the format when --format is not given; refused before any work when it cannot run it")
     c.add_argument("--gguf-type", help="round onto a llama.cpp file type's GGML grids (Q4_0, Q4_K_M, ...); implies --format gguf")
     c.add_argument("--budget", help="mixed precision: best predicted accuracy within e.g. 3.5bpw (quantized layers, "
                    "scales included) or 200MB (whole checkpoint); runs (or reuses) `frugal analyze` first")

@@ -18,8 +18,9 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from frugal.compression import methods, transforms
+from frugal.compression.timing import stage
 from frugal.compression.result import LayerReport
-from frugal.compression.hooks import HessianHooks, capture_block_inputs, run_block
+from frugal.compression.hooks import HessianHooks, capture_block_inputs, run_batched
 from frugal.compression.transforms.base import BlockContext, Place
 from frugal.load.blocks import block_linears, find_blocks, outside_linears
 from frugal.config import Recipe
@@ -67,18 +68,17 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 def _run_steps(ctx: BlockContext, place: Place) -> None:
-    for step in transforms.steps_at(ctx.recipe, place):
-        step(ctx)
+    for name, step in transforms.named_steps_at(ctx.recipe, place):
+        with stage(name):
+            step(ctx)
 
 
 @torch.no_grad()
 def block_hessians(layers: dict[str, nn.Linear], block: nn.Module, hidden, args: tuple, kw: dict,
-                   where: str) -> dict[str, torch.Tensor]:
+                   where: str, batch_size: int = 1) -> dict[str, torch.Tensor]:
     """H = 2/n X^T X of each layer's inputs over the block's calibration inputs (shared where the input is)."""
     with HessianHooks(layers) as hooks:
-        for x in hidden:
-            run_block(block, x, args, kw)
-            hooks.end_sample()
+        run_batched(block, hidden, args, kw, batch_size, hooks.end_sample)
     hessians = {name: hooks.hessians[name].matrix() for name in layers}
     _check_inputs_finite(hessians, where)
     return hessians
@@ -101,15 +101,18 @@ def quantize_block(block: nn.Module, prefix: str, recipe: Recipe, hidden: list[t
     _run_steps(ctx, Place.BEFORE_QUANTIZE)
     ctx.layers = block_linears(block, prefix, recipe.ignore)
     if hidden is not None and methods.get(recipe.method).needs_hessian:
-        ctx.hessians = block_hessians(ctx.layers, block, hidden, args, kw, prefix)
+        with stage("statistics"):
+            ctx.hessians = block_hessians(ctx.layers, block, hidden, args, kw, prefix, recipe.calibration.batch_size)
     ctx.float_weights = {name: lin.weight.data for name, lin in ctx.layers.items()}  # quantize_layer rebinds .data
-    for name, lin in ctx.layers.items():
-        ctx.quantized[name], ctx.reports[name] = quantize_layer(name, lin, recipe, ctx.hessians.get(name),
-                                                                ggml_types.get(name))
+    with stage("solve"):
+        for name, lin in ctx.layers.items():
+            ctx.quantized[name], ctx.reports[name] = quantize_layer(name, lin, recipe, ctx.hessians.get(name),
+                                                                    ggml_types.get(name))
     _run_steps(ctx, Place.AFTER_QUANTIZE)
     if hidden is None:
         return ctx.quantized, ctx.reports, None
-    out = [run_block(block, x, args, kw) for x in hidden]
+    with stage("re-run"):
+        out = run_batched(block, hidden, args, kw, recipe.calibration.batch_size)
     _check_finite(out, prefix)
     return ctx.quantized, ctx.reports, out
 
@@ -119,11 +122,14 @@ def _calibrated_blocks(model, blocks_name, blocks, recipe, samples, quantized, r
     """Every block from the calibration inputs; where a transform needs float targets (refinement), the
     float model's hidden states are carried beside the quantized model's, and each block's float outputs
     are its targets."""
-    inputs = capture_block_inputs(model, blocks, samples)
+    with stage("capture"):
+        inputs = capture_block_inputs(model, blocks, samples)
     float_hidden = inputs.hidden if transforms.float_targets(recipe) else None  # the float model's input to block i
     for i, block in enumerate(tqdm(blocks, desc=recipe.method, unit="block")):
         kw = inputs.kwargs_per_block[i]
-        targets = None if float_hidden is None else [run_block(block, x, inputs.args, kw) for x in float_hidden]
+        with stage("float targets"):
+            targets = None if float_hidden is None else run_batched(block, float_hidden, inputs.args, kw,
+                                                                    recipe.calibration.batch_size)
         q, r, inputs.hidden = quantize_block(block, f"{blocks_name}.{i}", recipe, inputs.hidden, inputs.args, kw,
                                              ggml_types, targets)
         float_hidden = targets
@@ -161,9 +167,10 @@ def quantize_outside(model, layers, recipe, samples, quantized, reports, ggml_ty
     """Quantize linear layers outside the blocks (e.g. lm_head) with inputs from the quantized model."""
     hessians: dict[str, Hessian] = {}
     if methods.get(recipe.method).needs_hessian:
+        step = recipe.calibration.batch_size
         with HessianHooks(layers) as hooks:
-            for i in tqdm(range(samples.shape[0]), desc="outside-block layers", unit="sample"):
-                model(samples[i : i + 1], use_cache=False)
+            for i in tqdm(range(0, samples.shape[0], step), desc="outside-block layers", unit="batch"):
+                model(samples[i : i + step], use_cache=False)
                 hooks.end_sample()
         hessians = hooks.hessians
         _check_inputs_finite({n: h.matrix() for n, h in hessians.items()}, "the layers outside the blocks")
@@ -195,7 +202,8 @@ def compress_model(
             reports.update(r)
     outside = outside_linears(model, blocks_name, recipe.ignore)
     if outside:
-        quantize_outside(model, outside, recipe, samples, quantized, reports, ggml_types)
+        with stage("outside layers"):
+            quantize_outside(model, outside, recipe, samples, quantized, reports, ggml_types)
     if recipe.gguf_type:
         _gguf_rest(model, recipe, quantized, reports, ggml_types)
     return quantized, reports

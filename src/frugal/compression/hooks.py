@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn as nn
@@ -101,9 +101,36 @@ def run_block(block: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict)
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def batches(hidden: Iterable[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
+    """Consecutive (1, seq, hidden) samples concatenated `batch_size` at a time, (B, seq, hidden); a sample
+    whose shape differs from the batch's starts a new one. Lazy: `hidden` may be read from disk."""
+    chunk: list[torch.Tensor] = []
+    for x in hidden:
+        if chunk and (len(chunk) == batch_size or x.shape != chunk[0].shape):
+            yield torch.cat(chunk) if len(chunk) > 1 else chunk[0]
+            chunk = []
+        chunk.append(x)
+    if chunk:
+        yield torch.cat(chunk) if len(chunk) > 1 else chunk[0]
+
+
+def run_batched(block: nn.Module, hidden: Iterable[torch.Tensor], args: tuple, kwargs: dict, batch_size: int,
+                after_batch: Callable[[], None] | None = None) -> list[torch.Tensor]:
+    """The block's output for each (1, seq, hidden) sample, computed `batch_size` samples per call (the
+    arguments captured at batch 1 broadcast over the batch; on CPU the rows equal batch-1 results bit for
+    bit, tests/compression/test_batching.py). `after_batch` runs after each call (hooks' end_sample)."""
+    outs: list[torch.Tensor] = []
+    for x in batches(hidden, batch_size):
+        outs.extend(run_block(block, x, args, kwargs).split(1))
+        if after_batch is not None:
+            after_batch()
+    return outs
+
+
 class InputHooks:
     """Accumulate something about each linear layer's inputs (`new(x)` makes an accumulator, `add(acc, x)`
-    feeds it); layers fed the very same tensor (q/k/v, gate/up) share one accumulator."""
+    feeds it one sample, (1, ..., in): a batched call (B, seq, in) is fed sample by sample, so sums are
+    those of batch 1); layers fed the very same tensor (q/k/v, gate/up) share one accumulator."""
 
     def __init__(self, layers: dict[str, nn.Linear], new: Callable, add: Callable):
         self.layers, self._new, self._add = layers, new, add
@@ -125,7 +152,8 @@ class InputHooks:
                 self._seen[id(x)] = (name, x)
                 self.acc[name] = self._new(x)
             if self._owner[name] == name:
-                self._add(self.acc[name], x)
+                for sample in (x.split(1) if x.dim() >= 3 else (x,)):
+                    self._add(self.acc[name], sample)
         return hook
 
     def __enter__(self) -> "InputHooks":

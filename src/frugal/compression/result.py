@@ -47,6 +47,7 @@ class CompressionReport:
     layers: dict[str, LayerReport]
     seconds: float = 0.0
     mixed: dict[str, Any] | None = None  # the mixed-precision plan (frugal compress --budget/--max-kl)
+    stages: dict[str, float] = field(default_factory=dict)  # wall seconds per stage (compression.timing)
 
     def to_dict(self, timings: bool = False) -> dict[str, Any]:
         import compressed_tensors
@@ -72,6 +73,7 @@ class CompressionReport:
             d["mixed_precision"] = self.mixed
         if timings:
             d["seconds"] = self.seconds
+            d["stages"] = dict(self.stages)
         return d
 
 

@@ -31,7 +31,7 @@ import torch.nn as nn
 
 from frugal.atomic import check_output_dir, publish_modes, replace_dir
 from frugal.calibrate import for_recipe
-from frugal.compression import methods, transforms
+from frugal.compression import methods, timing, transforms
 from frugal.compression.transforms import Place
 from frugal.compression.engine import quantize_block, quantize_outside
 from frugal.compression.hooks import Stop, recording_calls, split_hidden
@@ -101,16 +101,17 @@ def record_calls(model: nn.Module, blocks: nn.ModuleList, samples: torch.Tensor,
 
 
 def _replay(blocks: nn.ModuleList, outputs: Sequence[torch.Tensor], returns_tuple: bool):
-    """Forwards that skip every block, the last one returning the saved outputs sample by sample: the
+    """Forwards that skip every block, the last one returning the saved outputs, batch by batch: the
     model's forward then runs only the pieces outside the blocks, on the quantized blocks' outputs."""
     count = [0]
 
     def make(i: int):
         def forward(*args, **kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
-            if i == len(blocks) - 1:
-                hidden = outputs[count[0]]
-                count[0] += 1
+            if i == len(blocks) - 1:  # a batched call (B, seq, hidden) gets the next B saved outputs
+                n = hidden.shape[0]
+                hidden = torch.cat([outputs[j] for j in range(count[0], count[0] + n)])
+                count[0] += n
             return (hidden,) if returns_tuple else hidden
         return forward
 
@@ -360,22 +361,26 @@ def compress_streaming(model: Any = None, recipe: Any = None, out: str | Path = 
     samples, calib_info = for_recipe(calibration, tokenizer, None, recipe)
     in_ram = _activations_in_ram(directory, recipe, samples, activation_budget)
     work = out.parent / f".{out.name}.stream-work"
-    with locked(work):
+    with locked(work), timing.collect() as stages:
         manifest = open_work(work, fingerprint(src, recipe, samples), len(blocks), resume)
         load_outside(skeleton, blocks_name, src)
-        for step in transforms.steps_at(recipe, Place.MODEL):  # those streaming runs (on what is loaded)
-            step(skeleton, recipe)
+        for name, step in transforms.named_steps_at(recipe, Place.MODEL):  # those streaming runs (on what is loaded)
+            with timing.stage(name):
+                step(skeleton, recipe)
         job = _Job(src, skeleton, blocks_name, blocks, recipe, work, manifest, in_ram, progress or (lambda e, b: None))
         outputs = _run_blocks(job, samples)
-        _finish(job, samples, outputs, tokenizer, (str(source), calib_info))
-        _deliver(job.shard_dir, out, overwrite)
+        with timing.stage("outside layers and save"):
+            _finish(job, samples, outputs, tokenizer, (str(source), calib_info))
+            _deliver(job.shard_dir, out, overwrite)
+    log.info("compression stages (this run): %s", timing.describe(stages))
     shutil.rmtree(work, ignore_errors=True)
     log.info("wrote %s", out)
     return out
 
 
-def model_directory(spec: Any) -> tuple[Path, Path]:
-    """(directory with config.json + safetensors, what the user named); a GGUF file is dequantized once."""
+def model_directory(spec: Any, warn: bool = True) -> tuple[Path, Path]:
+    """(directory with config.json + safetensors, what the user named); a GGUF file is dequantized once
+    (`warn`: say so, as streaming does; pre-flight only reads the copy's sizes)."""
     from frugal.load.model import model_directory as checked_directory
     from frugal.load.model import resolve
 
@@ -383,5 +388,6 @@ def model_directory(spec: Any) -> tuple[Path, Path]:
     if source.is_file():
         if source.suffix != ".gguf":
             raise FrugalError(f"{source}: streaming needs a model directory (safetensors) or a .gguf file")
-        log.warning("%s: a GGUF file is dequantized whole, once (cached); streaming starts from that copy", source)
+        if warn:
+            log.warning("%s: a GGUF file is dequantized whole, once (cached); streaming starts from that copy", source)
     return checked_directory(source)[1], source

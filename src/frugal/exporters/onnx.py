@@ -428,7 +428,9 @@ def write(compressed: Any, directory: Any) -> None:
     (directory / "frugal.json").write_text(report)
 
 
-def engines(recipe: Any, out: str) -> list[tuple[str, str]]:
+def engines(recipe: Any, out: str) -> list:
     """Where an ONNX directory runs, with the command."""
-    return [("ONNX Runtime", f'frugal.exporters.onnx_runtime.OrtCausalLM("{out}").generate_greedy(ids, 32)'),
-            ("ONNX Runtime (any language)", f"InferenceSession('{out}/model.onnx')  # com.microsoft.MatMulNBits")]
+    from frugal.exporters import Engine
+
+    return [Engine("onnxruntime", "ONNX Runtime", f'frugal.exporters.onnx_runtime.OrtCausalLM("{out}").generate_greedy(ids, 32)'),
+            Engine("onnxruntime", "ONNX Runtime (any language)", f"InferenceSession('{out}/model.onnx')  # com.microsoft.MatMulNBits")]

@@ -98,8 +98,10 @@ def write(compressed: Any, directory: Any) -> None:
     (directory / "frugal.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
 
 
-def engines(recipe: Any, out: str) -> list[tuple[str, str]]:
+def engines(recipe: Any, out: str) -> list:
     """Where an OpenVINO directory runs, with the command."""
-    return [("OpenVINO", f'frugal.exporters.openvino_runtime.OvCausalLM("{out}").generate_greedy(ids, 32)'),
-            ("OpenVINO (any language)", f"ov.Core().compile_model('{out}/{XML_FILE}', 'CPU')  # stateful"),
-            ("optimum-intel", f'OVModelForCausalLM.from_pretrained("{out}")  # optimum-intel 2.2 + transformers 5.5')]
+    from frugal.exporters import Engine
+
+    return [Engine("openvino", "OpenVINO", f'frugal.exporters.openvino_runtime.OvCausalLM("{out}").generate_greedy(ids, 32)'),
+            Engine("openvino", "OpenVINO (any language)", f"ov.Core().compile_model('{out}/{XML_FILE}', 'CPU')  # stateful"),
+            Engine("optimum-intel", "optimum-intel", f'OVModelForCausalLM.from_pretrained("{out}")  # optimum-intel 2.2 + transformers 5.5')]

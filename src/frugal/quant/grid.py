@@ -70,7 +70,8 @@ def params_from_range(
         scale = (xmax - xmin) / (qmax - qmin)
     zero = torch.zeros_like(scale)
     scale = torch.where(scale != 0, scale, torch.ones_like(scale))
-    scale = scale.to(scale_dtype).float()  # quantize against the scale the file will hold
+    big = torch.finfo(scale_dtype).max
+    scale = scale.clamp(-big, big).to(scale_dtype).float()  # quantize against the scale the file will hold
     mag = scale.abs().clamp_min(torch.finfo(scale_dtype).tiny)  # a tiny range must not underflow to 0
     scale = torch.where(scale < 0, -mag, mag)
     if not symmetric:

@@ -40,6 +40,11 @@ def steps_at(recipe: Any, place: Place) -> list[Callable]:
     return [t.steps[place] for t in enabled(recipe) if place in t.steps]
 
 
+def named_steps_at(recipe: Any, place: Place) -> list[tuple[str, Callable]]:
+    """(transform name, step function) of the enabled transforms at `place`, in registry order."""
+    return [(t.name, t.steps[place]) for t in enabled(recipe) if place in t.steps]
+
+
 def float_targets(recipe: Any) -> bool:
     """Whether an enabled transform needs the float model's block outputs."""
     return any(t.float_targets for t in enabled(recipe))

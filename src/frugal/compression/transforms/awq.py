@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 import torch
 import torch.nn as nn
 
-from frugal.compression.hooks import InputHooks, run_block
+from frugal.compression.hooks import InputHooks, run_batched
 from frugal.compression.transforms.base import BlockContext, Place, Transform
 from frugal.load.blocks import block_linears
 from frugal.errors import FrugalError
@@ -93,16 +93,14 @@ class StatsHooks:
     """Activation statistics of each hooked linear's input; layers fed the very same tensor share one
     (hooks.InputHooks)."""
 
-    def __init__(self, layers: dict[str, nn.Linear], tokens_per_sample: int):
-        self.layers, self.tokens = layers, tokens_per_sample
+    def __init__(self, layers: dict[str, nn.Linear], tokens_per_sample: int, batch_size: int = 1):
+        self.layers, self.tokens, self.batch_size = layers, tokens_per_sample, batch_size
 
     def collect(self, block: nn.Module, hidden: Iterable[torch.Tensor], args: tuple,
                 kw: dict) -> dict[str, ActivationStats]:
         with InputHooks(self.layers, lambda x: ActivationStats(x.shape[-1], x.device),
                         lambda st, x: st.add(x, self.tokens)) as hooks:
-            for x in hidden:
-                run_block(block, x, args, kw)
-                hooks.end_sample()
+            run_batched(block, hidden, args, kw, self.batch_size, hooks.end_sample)
         return hooks.acc
 
 
@@ -148,7 +146,8 @@ def apply_awq(block: nn.Module, prefix: str, recipe: Recipe, hidden: Sequence[to
     hooked = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear) and (n in quantized or n in consumers)}
     n = min(len(hidden), opts.max_samples)
     samples = (hidden[i] for i in range(n))  # lazily: `hidden` may be a sequence read from disk
-    stats = StatsHooks(hooked, math.ceil(opts.max_tokens / n)).collect(block, samples, args, kw)
+    stats = StatsHooks(hooked, math.ceil(opts.max_tokens / n), recipe.calibration.batch_size).collect(
+        block, samples, args, kw)
     searches = {}
     for pair in pairs:
         res = _search_pair(block, prefix, pair, record, stats, recipe, quantized)

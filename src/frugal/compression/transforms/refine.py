@@ -9,7 +9,7 @@ import logging
 
 import torch
 
-from frugal.compression.hooks import run_block
+from frugal.compression.hooks import run_batched
 from frugal.compression.transforms.base import BlockContext, Place, Transform
 from frugal.quant.error import rel_errors
 
@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 def _targets(ctx: BlockContext) -> None:
     """The float block's outputs on its inputs, unless the engine carries the float model's own."""
     if ctx.targets is None:
-        ctx.targets = [run_block(ctx.block, x, ctx.args, ctx.kw) for x in ctx.hidden]
+        ctx.targets = run_batched(ctx.block, ctx.hidden, ctx.args, ctx.kw, ctx.recipe.calibration.batch_size)
 
 
 @torch.no_grad()
