@@ -25,7 +25,7 @@ browser:
 # The main job: the default model (SmolLM2-135M-Instruct) with the recommended recipe (AWQ scales +
 # asymmetric GPTQ, W4 g64, bfloat16 storage), a before/after table and the engines that run the output.
 demo: setup
-	$(BIN)/frugal compress --samples 32 -o out/demo --overwrite
+	$(BIN)/frugal compress --samples 64 -o out/demo --overwrite
 
 test: setup browser
 	$(BIN)/pytest -q -n 2 --dist loadgroup

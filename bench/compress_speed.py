@@ -31,7 +31,21 @@ ROOT = P.ROOT
 RESULTS = ROOT / "bench" / "results" / "compress_speed.json"
 FRUGAL = ["frugal-rtn", "frugal-hqq", "frugal-gptq", "frugal-awq-gptq", "frugal-awq-gptq-refine"]
 PEERS = ["llmcompressor-gptq", "gptqmodel"]
-FWD_CONFIGS = [(b, bf16) for b in (1, 8, 32) for bf16 in (False, True)]
+BATCHES = (1, 8, 32)
+
+
+def has_fast_bf16() -> bool:
+    """AVX-512 BF16 or AMX: the CPUs where bfloat16 autocast is faster than float32 (on AVX2 a batch-1 pass
+    took over 4 min against float32's 86 s, so it is not measured there)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags for f in (" avx512_bf16", " amx_bf16"))
+
+
+def fwd_configs() -> list[tuple[int, bool]]:
+    return [(b, bf16) for b in BATCHES for bf16 in ((False, True) if has_fast_bf16() else (False,))]
 
 
 def forward_seconds(model, ids, batch: int, bf16: bool) -> float:
@@ -55,7 +69,7 @@ def measure_fwd(orig: Path, calib: Path, into: dict) -> None:
 
     ids = load_file(str(calib))["input_ids"].long()
     model = load_model(str(orig)).model
-    for batch, bf16 in FWD_CONFIGS:
+    for batch, bf16 in fwd_configs():
         key = f"batch {batch} {'bf16 autocast' if bf16 else 'float32'}"
         into.setdefault(key, []).append(forward_seconds(model, ids, batch, bf16))
         log.info("T_fwd %s: %.1f s", key, into[key][-1])
@@ -73,8 +87,14 @@ def baseline_src(ref: str) -> Path:
 
 
 def run_one(key: str, orig: Path, src: Path, calib: Path, a, tag: str, frugal_src: Path | None = None) -> dict:
-    """One runner; its record with the runner's result.json (quant_seconds, stages) merged in."""
+    """One runner; its record with the runner's result.json (quant_seconds, stages) merged in. frugal's
+    runs pin weights.scale_dtype (--scale-dtype), so that a baseline with another default reads the same
+    recipe."""
+    import dataclasses
+
     peer = P.PEER_BY_KEY[key]
+    if peer.venv is None:
+        peer = dataclasses.replace(peer, args=[*peer.args, "--scale-dtype", a.scale_dtype])
     out = P.WORK / f"speed-{tag}" / key
     out.parent.mkdir(parents=True, exist_ok=True)
     rec = P.run_peer(peer, src, orig, calib, out, a, frugal_src=frugal_src)
@@ -108,8 +128,10 @@ def same_bytes(a: dict, b: dict) -> bool | None:
 def table(fwd: dict, runs: dict, a) -> str:
     t_fwd_key = min(fwd, key=lambda k: min(fwd[k]))
     t_fwd = min(fwd[t_fwd_key])
+    bf16 = "" if has_fast_bf16() else (" bfloat16 autocast not measured: this CPU has neither AVX-512 BF16 nor AMX "
+                                        "(a batch-1 pass ran over 4 min against float32's 86 s).")
     lines = [f"T_fwd = {t_fwd:.1f} s ({t_fwd_key}, best of {len(next(iter(fwd.values())))} measurements); "
-             f"every configuration: " + ", ".join(f"{k} {min(v):.1f} s" for k, v in fwd.items()) + ".", "",
+             f"every configuration: " + ", ".join(f"{k} {min(v):.1f} s" for k, v in fwd.items()) + "." + bf16, "",
              "| run | quantization s | / T_fwd | baseline s | speed-up | same bytes as baseline | stages (s) |",
              "|---|---|---|---|---|---|---|"]
     for key, rec in runs.items():
@@ -138,6 +160,8 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group", type=int, default=64)
     ap.add_argument("--timeout", type=float, default=60, help="minutes per run")
+    ap.add_argument("--scale-dtype", default="bfloat16", help="frugal's weights.scale_dtype in every run (default "
+                    "bfloat16, which frugal before recipe version 3 stored by default)")
     ap.add_argument("--no-docs", action="store_true")
     a = ap.parse_args()
     a.quick, a.autoround_iters, a.autoround_timeout = False, None, None

@@ -18,7 +18,7 @@ EVAL_TEXT = SHARED / "data" / "wikitext-2-raw" / "wiki.test.lf.raw"
 
 # The tokenizer-512 ids (llama2.c TinyStories tokenizer): <unk>=0, <s>=1, </s>=2.
 _TOKEN_IDS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
-_COMMON = dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, max_position_embeddings=256, **_TOKEN_IDS)
+_COMMON = dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, max_position_embeddings=1024, **_TOKEN_IDS)
 
 # family -> (transformers config class, family-specific arguments). Every width is a multiple of
 # 64 (so group sizes 32 and 64 fit) and head_dim is 16.

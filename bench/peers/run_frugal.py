@@ -32,6 +32,8 @@ def run(r: _util.Run) -> None:
         spec["rotation"] = {"kind": "hadamard"}
     if extra.refine:
         spec["refine"] = {"enabled": True}
+    if extra.scale_dtype:
+        spec["weights"]["scale_dtype"] = extra.scale_dtype
     recipe = frugal.Recipe.from_dict(spec)
     with r.time("quant"):
         res = frugal.compress(loaded.model, recipe, ids, tokenizer=loaded.tokenizer, inplace=True)
@@ -65,6 +67,8 @@ def _extra_args():
     ap.add_argument("--rotate", action="store_true")
     ap.add_argument("--asym", action="store_true")
     ap.add_argument("--refine", action="store_true")
+    ap.add_argument("--scale-dtype", default=None, help="weights.scale_dtype (e.g. bfloat16: what two frugal "
+                    "versions with different scale defaults both read)")
     return ap.parse_known_args()[0]
 
 

@@ -35,7 +35,7 @@ def _compress(model, tokenizer, source: str, recipe: Recipe, calibration: Any, f
     from frugal.compression.plan import check_plan
     from frugal.compression.transforms import Place
 
-    check_plan(model, recipe, formats)
+    check_plan(model, recipe, formats, calibration)
     torch.manual_seed(recipe.seed)
     t0 = time.perf_counter()
     with timing.collect() as stages:
@@ -124,7 +124,7 @@ def compress(model_or_path: Any = None, recipe: Recipe | dict | str | Path | Non
     if out is not None:
         from frugal.atomic import check_output_dir
 
-        check_output_dir(out, overwrite)
+        check_output_dir(out, overwrite, sources=(model_or_path,))
     cache_source = None
     if isinstance(model_or_path, torch.nn.Module):
         model = model_or_path if inplace or max_kl is not None else copy.deepcopy(model_or_path)
@@ -193,7 +193,7 @@ def analyze(model: Any = None, *, tokenizer: Any = None, samples: int = 4, calib
     from frugal.atomic import atomic_dir, check_output_dir
     from frugal.calibrate import default_text, from_text
 
-    out = check_output_dir(output, overwrite) if output is not None else None
+    out = check_output_dir(output, overwrite, sources=(model,)) if output is not None else None
     model, tokenizer, source = _load(model, tokenizer, allow_pickle)
     if tokenizer is None:
         raise FrugalError("analyze: no tokenizer, so the analysis text cannot be read")
@@ -239,7 +239,7 @@ def export(compressed_dir: str | Path, fmt: str, out: str | Path, overwrite: boo
     from frugal.atomic import check_output_dir
     from frugal.exporters.reload import load_compressed
 
-    check_output_dir(Path(out), overwrite)
+    check_output_dir(Path(out), overwrite, sources=(compressed_dir,))
     compressed = load_compressed(compressed_dir)
     return compressed.save(out, overwrite=overwrite, fmt=fmt)  # checks the format first
 
@@ -248,6 +248,11 @@ def eval_protocol(text: str | Path | None = None, seq_len: int = 512, eval_token
     """The evaluation protocol (default text: the shared wikitext-2-raw test split)."""
     from frugal.evaluation.metrics import Protocol
     from frugal.load.model import shared_dir
+
+    if seq_len < 2:
+        raise FrugalError(f"--seq-len {seq_len}: evaluation windows need at least 2 tokens")
+    if eval_tokens < seq_len:
+        raise FrugalError(f"--eval-tokens {eval_tokens}: fewer than one evaluation window of --seq-len {seq_len} tokens")
 
     text = str(text) if text else str(shared_dir() / "data" / "wikitext-2-raw" / "wiki.test.lf.raw")
     return Protocol(text=text, seq_len=seq_len, max_tokens=eval_tokens)
@@ -317,7 +322,7 @@ def evaluate(models: Any, tokenizer: Any = None, protocol: Any = None, ref: Any 
         eval_tokens, task_limit = 10**9, 0
     opts = suite_options(protocol or eval_protocol(text, seq_len, eval_tokens), tasks, task_limit, speed, generate)
     if output:
-        check_output_dir(output, overwrite=True)
+        check_output_dir(output, overwrite=True, sources=(*specs, ref))
     results = run_suite(specs, None if ref is None else str(ref), opts, allow_pickle=allow_pickle)
     write_results(results, output, json_out)
     return results

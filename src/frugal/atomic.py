@@ -9,14 +9,32 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterable, Iterator
 
 from frugal.errors import FrugalError
 
 
-def check_output_dir(out: str | Path, overwrite: bool) -> Path:
-    """Refuse an existing output before any work is done, unless `overwrite`."""
+def check_not_source(out: str | Path, sources: Iterable[Any] = ()) -> None:
+    """Refuse an output that is, is inside or contains one of the `sources` (model directories or files,
+    symlinks followed): replacing it would delete the input."""
+    target = Path(out).absolute().resolve()
+    for s in sources:
+        if s is None or not isinstance(s, (str, os.PathLike)) or not os.path.lexists(s):
+            continue
+        src = Path(s).absolute().resolve()
+        if target == src or src in target.parents:
+            where = "is" if target == src else "is inside"
+            raise FrugalError(f"{out}: the output {where} the input {s}; write it to another directory")
+        if target in src.parents:
+            raise FrugalError(f"{out}: the output contains the input {s} (replacing it would delete the input); "
+                              f"write it to another directory")
+
+
+def check_output_dir(out: str | Path, overwrite: bool, sources: Iterable[Any] = ()) -> Path:
+    """Refuse, before any work is done, an existing output unless `overwrite`, and an output that is, is
+    inside or contains one of the inputs `sources`."""
     out = Path(out)
+    check_not_source(out, sources)
     if out.exists() and not overwrite:
         raise FrugalError(f"{out}: output already exists (pass --overwrite to replace it)")
     if out.exists() and not out.is_dir():
@@ -94,10 +112,11 @@ def _remove_empty(dirs: list[Path]) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+def atomic_dir(out: str | Path, overwrite: bool = False, sources: Iterable[Any] = ()) -> Iterator[Path]:
     """Yield a temporary directory beside `out`; on success it replaces `out`, on failure it is removed
-    (a full disk or another write error becomes one FrugalError line naming `out`)."""
-    out = check_output_dir(out, overwrite)
+    (a full disk or another write error becomes one FrugalError line naming `out`). `sources`: inputs
+    `out` must not be, be inside or contain."""
+    out = check_output_dir(out, overwrite, sources)
     existed = out.exists()
     new_parents = [p for p in out.absolute().parents if not p.exists()]  # innermost first
     try:

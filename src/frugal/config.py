@@ -25,10 +25,10 @@ STORAGE_DTYPES = ("model", "bfloat16", "float16", "float32")
 @dataclass(frozen=True)
 class StorageOptions:
     """How what stays unquantized is held: `dtype` of the embeddings, head, norms and biases (rounded to it
-    before calibration, so the measured model is the stored one); `scale_dtype` of the scales when
-    weights.scale_dtype is "model" (float16: three more mantissa bits than bfloat16, worth 0.6 % perplexity
-    at W4 RTN on the default model; `--engine vllm` picks bfloat16, what vLLM computes in). "model" keeps
-    the loaded model's dtype (float32 in frugal)."""
+    before calibration, so the measured model is the stored one; the weights to quantize are not rounded);
+    `scale_dtype` of the scales when weights.scale_dtype is "model" (float16: three more mantissa bits
+    than bfloat16, what GPTQ, GGUF, ONNX Runtime and OpenVINO hold; `--engine vllm` picks bfloat16, what
+    vLLM computes in). "model" keeps the loaded model's dtype (float32 in frugal)."""
 
     dtype: str = "bfloat16"
     scale_dtype: str = "float16"

@@ -115,3 +115,17 @@ def test_cli_dtype_and_engines_line(tiny_model_dir, tmp_path, capsys):
     assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
     printed = capsys.readouterr().out
     assert "Runs in (compressed-tensors)" in printed and f"vllm serve {out}" in printed
+
+
+def test_weights_to_quantize_reach_the_quantizer_unrounded(tiny_model_dir):
+    """16-bit storage rounds what stays unquantized, not the weights the recipe quantizes: with the scale
+    dtype fixed, bfloat16 and float32 storage give RTN the same codes and scales."""
+    import frugal
+
+    src = tiny_model_dir("llama")
+    runs = [frugal.compress(str(src), {**RTN, "storage": {"dtype": dtype, "scale_dtype": "float32"}})
+            for dtype in ("bfloat16", "model")]
+    assert runs[0].quantized
+    for n, a in runs[0].quantized.items():
+        b = runs[1].quantized[n]
+        assert torch.equal(a.q, b.q) and torch.equal(a.scale, b.scale), n

@@ -221,3 +221,23 @@ def test_tiny_group_with_float16_scales_stays_finite():
     assert math.isfinite(res.loss)
     assert (res.weight.scale != 0).all()
     assert (w[0, 32:].float() - res.weight.dequantize()[0, 32:]).abs().max() <= res.weight.scale[0, 1].float().abs()
+
+
+@pytest.mark.parametrize("act_order", [True, False])
+def test_single_threaded_column_sweep_gives_the_same_bytes(monkeypatch, act_order):
+    """The column loop runs on one thread (speed); element-wise updates do not depend on the thread count,
+    so the codes, scales and loss equal the all-threads sweep's."""
+    from frugal.quant import gptq
+    from frugal.quant.options import ClipSearch, GPTQOptions, WeightScheme
+
+    torch.manual_seed(0)
+    w = torch.randn(192, 128)
+    x = torch.randn(1024, 128) * torch.rand(128) * 3
+    h = 2 * x.T @ x / 1024
+    args = (h, WeightScheme(4, 32, False), GPTQOptions(act_order=act_order), ClipSearch(True), torch.float16)
+    with gptq.threads(2):  # the Cholesky factors and the lazy-batch updates on 2 threads in both runs
+        one = gptq.gptq_quantize(w.clone(), *args)
+        monkeypatch.setattr(gptq, "SINGLE_THREAD_ROWS", 0)
+        many = gptq.gptq_quantize(w.clone(), *args)
+    assert torch.equal(one.weight.q, many.weight.q) and torch.equal(one.weight.scale, many.weight.scale)
+    assert one.loss == many.loss

@@ -17,7 +17,7 @@ def cmd_analyze(a: argparse.Namespace) -> int:
     if out:
         from frugal.atomic import check_output_dir
 
-        check_output_dir(out, a.overwrite)
+        check_output_dir(out, a.overwrite, sources=(a.model,))
     loaded = load_model(a.model)
     samples = from_text(loaded.tokenizer, default_text(), a.samples, a.calib_len, a.seed)
     if a.ops:

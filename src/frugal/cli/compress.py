@@ -102,15 +102,21 @@ def cmd_compress(a: argparse.Namespace) -> int:
     source_name = Path(a.model).stem if a.model else "SmolLM2-135M-Instruct"
     scheme = recipe.gguf_type or f"w{w.bits}g{w.group_size}"
     out = Path(a.output or f"out/{source_name}-{recipe.method}-{scheme}" + ("" if fmt == default_format() else f"-{fmt}"))
-    check_output_dir(out, a.overwrite)
-    if _preflight(a, recipe, fmt, out) != "memory":
-        return _compress_streaming(a, recipe, out)
-    protocol = None if a.no_eval else _protocol(a)
-    if protocol:  # fail on a bad evaluation text before any work
+    from frugal.load.model import resolve
+
+    check_output_dir(out, a.overwrite, sources=(resolve(a.model),))
+    protocol = None if a.no_eval else _protocol(a)  # bad evaluation options fail before any work
+    if protocol:
         from frugal.calibrate import read_text
 
         read_text(protocol.text)
+    if _preflight(a, recipe, fmt, out) != "memory":
+        return _compress_streaming(a, recipe, out)
     loaded = load_model(a.model, allow_pickle=a.allow_pickle)
+    if protocol:
+        from frugal.compression.plan import check_sequence_length
+
+        check_sequence_length(loaded.model, protocol.seq_len, "--seq-len")
     size_before = model_bytes(loaded.model)
     import frugal
     from frugal.analysis import budget

@@ -14,7 +14,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
         a.eval_tokens, a.task_limit = 10**9, 0
     opts = suite_options(eval_protocol(a.text, a.seq_len, a.eval_tokens), a.tasks, a.task_limit, a.speed, a.generate)
     if a.output:
-        check_output_dir(a.output, overwrite=True)
+        check_output_dir(a.output, overwrite=True, sources=(*a.models, a.ref))
     results = run_suite(a.models, a.ref, opts, allow_pickle=a.allow_pickle)
     print(eval_table(results))
     write_results(results, a.output, a.json_out)

@@ -127,9 +127,10 @@ def _calibrated_blocks(model, blocks_name, blocks, recipe, samples, quantized, r
     float_hidden = inputs.hidden if transforms.float_targets(recipe) else None  # the float model's input to block i
     for i, block in enumerate(tqdm(blocks, desc=recipe.method, unit="block")):
         kw = inputs.kwargs_per_block[i]
-        with stage("float targets"):
-            targets = None if float_hidden is None else run_batched(block, float_hidden, inputs.args, kw,
-                                                                    recipe.calibration.batch_size)
+        targets = None
+        if float_hidden is not None:
+            with stage("float targets"):
+                targets = run_batched(block, float_hidden, inputs.args, kw, recipe.calibration.batch_size)
         q, r, inputs.hidden = quantize_block(block, f"{blocks_name}.{i}", recipe, inputs.hidden, inputs.args, kw,
                                              ggml_types, targets)
         float_hidden = targets

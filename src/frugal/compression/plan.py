@@ -6,11 +6,31 @@ from typing import Any
 
 from frugal.compression import transforms
 from frugal.config import Recipe
+from frugal.errors import FrugalError
 from frugal.load.blocks import check_group_fit, quantizable_linears
 
 
-def check_plan(model: Any, recipe: Recipe, formats: tuple[str, ...] = ()) -> None:
-    """Refuse, before any work, a recipe the model's layers or the requested formats cannot take."""
+def context_length(model: Any) -> int | None:
+    """The longest sequence the model's positions take (config max_position_embeddings), None if unknown."""
+    cfg = getattr(model, "config", None)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    n = getattr(cfg, "max_position_embeddings", None)
+    return n if isinstance(n, int) and n > 0 else None
+
+
+def check_sequence_length(model: Any, seq_len: int, option: str) -> None:
+    """Refuse sequences longer than the model's context (one line naming the option)."""
+    n = context_length(model)
+    if n is not None and seq_len > n:
+        raise FrugalError(f"{option} {seq_len}: longer than the model's context of {n} tokens "
+                          f"(max_position_embeddings)")
+
+
+def check_plan(model: Any, recipe: Recipe, formats: tuple[str, ...] = (), calibration: Any = None) -> None:
+    """Refuse, before any work, a recipe the model's layers, the calibration (a text's recipe.calibration
+    .seq_len or a tensor's length) or the requested formats cannot take."""
+    import torch
+
     from frugal.exporters import check
 
     if recipe.gguf_type:
@@ -26,6 +46,9 @@ def check_plan(model: Any, recipe: Recipe, formats: tuple[str, ...] = ()) -> Non
     for t in transforms.enabled(recipe):
         if t.check is not None:
             t.check(model, recipe)
+    if recipe.needs_calibration:
+        length = calibration.shape[-1] if isinstance(calibration, torch.Tensor) else recipe.calibration.seq_len
+        check_sequence_length(model, length, "--calib-len")
     for fmt in formats:
         check(fmt, model, recipe)
 

@@ -201,6 +201,7 @@ def estimate_tensors(tensors: dict[str, TensorInfo], hidden: int, recipe: Any = 
     layer_work = 0
     stored = recipe.cast_dtype()  # bytes per value of what stays unquantized in the file
     store_bytes = FLOAT_BYTES if stored is None else stored.itemsize
+    scale_store = scale_bytes(recipe.storage.scale_dtype, FLOAT_BYTES)  # "model" scales (float32 in frugal)
 
     def counted(name: str, t: TensorInfo, in_block: bool) -> bool:  # stored quantized?
         if quantized is None:
@@ -218,7 +219,7 @@ def estimate_tensors(tensors: dict[str, TensorInfo], hidden: int, recipe: Any = 
             output += t.numel * store_bytes if t.is_float else nbytes
             continue
         s = recipe.scheme_for(name[: -len(".weight")])
-        output += packed_bytes(*t.shape, s.bits, s.group_size, s.symmetric, scale_bytes(s.scale_dtype, store_bytes))
+        output += packed_bytes(*t.shape, s.bits, s.group_size, s.symmetric, scale_bytes(s.scale_dtype, scale_store))
         out_f, in_f = t.shape
         layer_work = max(layer_work, method.work_bytes(out_f, in_f))
         if m and method.needs_hessian:

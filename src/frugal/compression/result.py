@@ -92,13 +92,14 @@ class Compressed:
         return self.report.recipe.cast_dtype()
 
     def save(self, out: str | Path, overwrite: bool = False, fmt: str = "compressed-tensors") -> Path:
-        """Write the model in format `fmt` (with frugal.json) into `out`, atomically."""
+        """Write the model in format `fmt` (with frugal.json) into `out`, atomically (never into, over or
+        around the model it was compressed from)."""
         from frugal.atomic import atomic_dir
         from frugal.exporters import check, writer
 
         write = writer(fmt)
         check(fmt, self.model, self.report.recipe)
-        with atomic_dir(out, overwrite) as tmp:
+        with atomic_dir(out, overwrite, sources=(self.report.source,)) as tmp:
             write(self, tmp)
         log.info("wrote %s", out)
         return Path(out)

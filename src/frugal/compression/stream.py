@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -351,31 +352,55 @@ def compress_streaming(model: Any = None, recipe: Any = None, out: str | Path = 
     _check_job(recipe, calibration)
     fixed_mmap_threshold()
     directory, source = model_directory(model)
-    out = check_output_dir(out, overwrite)
+    out = check_output_dir(out, overwrite, sources=(source, directory))
     src = Source(directory)
     skeleton = build_skeleton(directory)
     blocks_name, blocks = find_blocks(skeleton)
-    check_plan(skeleton, recipe, ("compressed-tensors",))
+    check_plan(skeleton, recipe, ("compressed-tensors",), calibration)
     tokenizer = load_tokenizer(directory)
     torch.manual_seed(recipe.seed)
     samples, calib_info = for_recipe(calibration, tokenizer, None, recipe)
     in_ram = _activations_in_ram(directory, recipe, samples, activation_budget)
     work = out.parent / f".{out.name}.stream-work"
-    with locked(work), timing.collect() as stages:
+    with locked(work), timing.collect() as stages:  # another process's work directory is refused, untouched
         manifest = open_work(work, fingerprint(src, recipe, samples), len(blocks), resume)
-        load_outside(skeleton, blocks_name, src)
-        for name, step in transforms.named_steps_at(recipe, Place.MODEL):  # those streaming runs (on what is loaded)
-            with timing.stage(name):
-                step(skeleton, recipe)
         job = _Job(src, skeleton, blocks_name, blocks, recipe, work, manifest, in_ram, progress or (lambda e, b: None))
-        outputs = _run_blocks(job, samples)
-        with timing.stage("outside layers and save"):
-            _finish(job, samples, outputs, tokenizer, (str(source), calib_info))
-            _deliver(job.shard_dir, out, overwrite)
+        with _cleaned_up(job, out):
+            load_outside(skeleton, blocks_name, src)
+            for name, step in transforms.named_steps_at(recipe, Place.MODEL):  # those streaming runs (on what is loaded)
+                with timing.stage(name):
+                    step(skeleton, recipe)
+            outputs = _run_blocks(job, samples)
+            with timing.stage("outside layers and save"):
+                _finish(job, samples, outputs, tokenizer, (str(source), calib_info))
+                _deliver(job.shard_dir, out, overwrite)
     log.info("compression stages (this run): %s", timing.describe(stages))
     shutil.rmtree(work, ignore_errors=True)
     log.info("wrote %s", out)
     return out
+
+
+@contextlib.contextmanager
+def _cleaned_up(job: _Job, out: Path) -> Iterator[None]:
+    """A FrugalError (bad input, a lost race for `out`: resuming cannot help) removes the work directory;
+    a failed write (full disk, quota) keeps it, with one line saying what failed and what is kept for a
+    resume; an interruption keeps it silently (the same command continues)."""
+    from frugal.atomic import os_error_code
+
+    try:
+        yield
+    except FrugalError as e:
+        shutil.rmtree(job.work, ignore_errors=True)
+        raise FrugalError(f"{e} (nothing written to {out}; work directory removed)") from None
+    except Exception as e:
+        code = os_error_code(e)
+        if code is None:
+            raise
+        done = len(job.manifest.get("shards", {}))
+        kept = sum(f.stat().st_size for f in job.work.rglob("*") if f.is_file())
+        raise FrugalError(f"{out}: {os.strerror(code)} writing {getattr(e, 'filename', None) or job.work}; "
+                          f"{job.work} keeps {done} of {len(job.blocks)} finished blocks ({kept / 1e6:.1f} MB): "
+                          f"free space and run the same command to resume, or delete it") from None
 
 
 def model_directory(spec: Any, warn: bool = True) -> tuple[Path, Path]:

@@ -96,6 +96,26 @@ def generations(model, tokenizer, prompts=PROMPTS, max_new_tokens: int = 32) -> 
     return out
 
 
+def _vocabulary(lm) -> tuple[int, dict | None]:
+    """(output logits per token, the tokenizer's token -> id map or None)."""
+    head = lm.model.get_output_embeddings()
+    rows = head.weight.shape[0] if head is not None else getattr(lm.model.config, "vocab_size", 0)
+    return int(rows), (lm.tokenizer.get_vocab() if lm.tokenizer is not None else None)
+
+
+def check_same_vocabulary(models: dict[str, Any]) -> None:
+    """Refuse models that do not share one vocabulary: the same text must be the same ids for every
+    model, and KL / top-1 compare logits position by position."""
+    (first, lm), *rest = models.items()
+    size, vocab = _vocabulary(lm)
+    for spec, other in rest:
+        o_size, o_vocab = _vocabulary(other)
+        if o_size != size or (vocab is not None and o_vocab is not None and o_vocab != vocab):
+            raise FrugalError(f"{spec}: its vocabulary ({o_size} logits, {len(o_vocab or {})} tokens) differs from "
+                              f"{first}'s ({size} logits, {len(vocab or {})} tokens); models evaluated together must "
+                              f"share one tokenizer")
+
+
 def run_suite(specs: list[str], ref_spec: str | None, opts: SuiteOptions, allow_pickle: bool = False) -> dict[str, Any]:
     """Load every model, measure everything the options ask for, and return results.json's content."""
     from frugal.load.model import load_model
@@ -105,6 +125,11 @@ def run_suite(specs: list[str], ref_spec: str | None, opts: SuiteOptions, allow_
     tokenizer = ref.tokenizer if ref else next(iter(loaded.values())).tokenizer
     if tokenizer is None:
         raise FrugalError(f"{ref_spec or specs[0]}: no tokenizer, so text cannot be evaluated")
+    check_same_vocabulary({**({ref_spec: ref} if ref else {}), **loaded})
+    from frugal.compression.plan import check_sequence_length
+
+    for lm in ([ref] if ref else []) + list(loaded.values()):
+        check_sequence_length(lm.model, opts.protocol.seq_len, "--seq-len")
     ref_name = f"{ref_spec} (ref)" if ref_spec and ref_spec in loaded else (ref_spec or "")
     results = evaluate({k: v.model for k, v in loaded.items()}, tokenizer, opts.protocol,
                        ref=ref.model if ref else None, ref_name=ref_name)

@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from frugal.compression.preflight import DTYPE_CODES, checkpoint_tensors, read_header
 from frugal.errors import FrugalError
+from frugal.load.finite import check_finite
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class Source:
                 raise FrugalError(f"{path}: tensor {n} has dtype {info.dtype}, which frugal cannot read")
             b, e = info.offsets
             t = read_tensor(path, self._start[info.file] + b, e - b, TORCH_DTYPES[info.dtype], info.shape)
+            check_finite(t, n, self.directory)  # as load_model does for every weight
             out[n] = t.to(dtype) if t.is_floating_point() else t
         return out
 

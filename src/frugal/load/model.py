@@ -181,19 +181,11 @@ def _check_architecture(path: Path, model_type) -> None:
 
 
 def _check_finite(model, directory: Path) -> None:
-    """Stop on a NaN or Inf in any weight, naming the tensor. A sum is the fast screen (NaN and Inf
-    propagate through it); only a non-finite sum, which finite weights can also overflow to, is
-    looked at element by element."""
-    import torch
+    """Stop on a NaN or Inf in any weight, naming the tensor (load.finite, as streaming's reads)."""
+    from frugal.load.finite import check_finite
 
     for name, p in model.named_parameters():
-        if not p.is_floating_point():
-            continue
-        total = torch.sum(p.detach(), dtype=torch.float64 if p.dtype == torch.float64 else torch.float32)
-        if not torch.isfinite(total):
-            bad = int((~torch.isfinite(p.detach())).sum())
-            if bad:
-                raise FrugalError(f"{directory}: weight {name} has {bad} NaN/Inf values")
+        check_finite(p, name, directory)
 
 
 def _packed_compressed(cfg: dict) -> bool:
