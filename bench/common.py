@@ -17,3 +17,12 @@ def write_section(path: Path, key: str, title: str, command: str, body: str) -> 
     pattern = re.compile(rf"<!-- section:{re.escape(key)} -->.*?<!-- /section:{re.escape(key)} -->\n", re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + block
     path.write_text(text)
+
+
+def publish(key: str, title: str, script: str, args: list[str], body: str, docs: bool = True) -> None:
+    """Print a benchmark's body and (unless `docs` is false) make it docs/benchmarks.md section `key`,
+    naming the command `make setup && .venv/bin/python <script> <args>`."""
+    print(body)
+    if docs:
+        write_section(Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md", key, title,
+                      f"make setup && .venv/bin/python {script} " + " ".join(args), body)

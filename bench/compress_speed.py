@@ -88,13 +88,13 @@ def baseline_src(ref: str) -> Path:
 
 def run_one(key: str, orig: Path, src: Path, calib: Path, a, tag: str, frugal_src: Path | None = None) -> dict:
     """One runner; its record with the runner's result.json (quant_seconds, stages) merged in. frugal's
-    runs pin weights.scale_dtype (--scale-dtype), so that a baseline with another default reads the same
-    recipe."""
+    runs pin weights.scale_dtype (--scale-dtype) and storage.dtype (model: float32, no 16-bit rounding),
+    so that a baseline with other defaults reads the same recipe and computes the same maths."""
     import dataclasses
 
     peer = P.PEER_BY_KEY[key]
     if peer.venv is None:
-        peer = dataclasses.replace(peer, args=[*peer.args, "--scale-dtype", a.scale_dtype])
+        peer = dataclasses.replace(peer, args=[*peer.args, "--scale-dtype", a.scale_dtype, "--storage-dtype", "model"])
     out = P.WORK / f"speed-{tag}" / key
     out.parent.mkdir(parents=True, exist_ok=True)
     rec = P.run_peer(peer, src, orig, calib, out, a, frugal_src=frugal_src)
@@ -199,8 +199,9 @@ def main() -> None:
         intro = (f"The default model (SmolLM2-135M-Instruct, float32), W{a.bits} g{a.group}, {a.samples} x 512 "
                  f"calibration tokens of wikitext-2 valid.txt (seed 0) for every run, one run at a time on this "
                  f"machine ({a.threads} threads). Quantization s: the runner's own timing of the library's "
-                 f"quantization call (model load and save excluded), as in the peer table. Baseline: the same "
-                 f"runner on frugal at {a.baseline or '(none)'}.\n\n")
+                 f"quantization call (model load and save excluded), as in the peer table. frugal's runs pin "
+                 f"weights.scale_dtype={a.scale_dtype} and storage.dtype=model (float32 files), which every "
+                 f"compared version reads alike. Baseline: the same runner on frugal at {a.baseline or '(none)'}.\n\n")
         write_section(ROOT / "docs" / "benchmarks.md", "compress-speed", "Compression time against one calibration pass",
                       cmd, intro + body)
 

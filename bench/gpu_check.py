@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_section  # noqa: E402
+from common import publish  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = {
@@ -109,10 +109,8 @@ def main() -> None:
              f"{r['ppl_device']:.3f} |" for k, r in info["runs"].items()]
     body = (f"Device: {info['device']}; CPU threads {info['cpu_threads']}; {a.samples} x 512 calibration tokens; "
             f"{a.windows} evaluation windows of 512 of wikitext-2-raw test.\n\n" + "\n".join(rows) + "\n")
-    print(body)
-    if not a.no_docs:
-        write_section(ROOT / "docs" / "benchmarks.md", "gpu-check", "GPU check: the same compression on CPU and accelerator",
-                      "make setup && .venv/bin/python bench/gpu_check.py " + " ".join(sys.argv[1:]), body)
+    publish("gpu-check", "GPU check: the same compression on CPU and accelerator", "bench/gpu_check.py",
+            sys.argv[1:], body, not a.no_docs)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_section  # noqa: E402
+from common import publish  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("bfloat16", "float16", "float32")
 
 
@@ -60,10 +59,8 @@ def main() -> None:
     body = (f"RTN W{a.bits} g{a.group} {'asymmetric' if a.asym else 'symmetric (signed extreme)'}, decoder linears "
             f"only, {a.windows} windows of 512 tokens of wikitext-2-raw test; the scale of each group is rounded "
             f"to the dtype before the codes are chosen against it.\n\n" + "\n".join(rows) + "\n")
-    print(body)
-    if not a.no_docs:
-        write_section(ROOT / "docs" / "benchmarks.md", "scale-storage", "Scale storage: bfloat16, float16, float32",
-                      "make setup && .venv/bin/python bench/scale_storage.py " + " ".join(sys.argv[1:]), body)
+    publish("scale-storage", "Scale storage: bfloat16, float16, float32", "bench/scale_storage.py", sys.argv[1:],
+            body, not a.no_docs)
 
 
 if __name__ == "__main__":

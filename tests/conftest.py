@@ -42,6 +42,17 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+def read_tensors(directory: Path) -> dict:
+    """Every tensor of a directory's safetensors files, by name."""
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            out.update({k: st.get_tensor(k) for k in st.keys()})
+    return out
+
+
 def shared_path() -> Path:
     return SHARED
 

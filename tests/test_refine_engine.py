@@ -54,12 +54,14 @@ def test_targets_are_the_float_models_block_outputs(llama, monkeypatch):
 
     import copy
 
-    from frugal.compression.transforms.storage import round_parameters
+    from frugal.compression.transforms.storage import _to_quantize, round_parameters
+    from frugal.config import as_recipe
 
     monkeypatch.setattr(engine, "quantize_block", spy)
     frugal.compress(model, recipe(refine=REFINE), CALIB)
     model = copy.deepcopy(model)
-    round_parameters(model, torch.bfloat16)  # the float model as stored (recipe.storage), which it is refined towards
+    # the float model with what stays unquantized as stored (recipe.storage), which it is refined towards
+    round_parameters(model, torch.bfloat16, _to_quantize(model, "", as_recipe(recipe(refine=REFINE))))
     outputs: list[list[torch.Tensor]] = [[], []]  # the float model's block outputs, per block
     hooks = [b.register_forward_hook(lambda _m, _a, out, i=i: outputs[i].append(out[0] if isinstance(out, tuple)
                                                                                   else out))
@@ -86,7 +88,7 @@ def test_refined_model_saves_reloads_and_is_closer_to_float(llama, tmp_path):
 
     _, model = llama
     ref = logits(model)
-    f32 = {"storage": {"dtype": "model"}}
+    f32 = {"storage": {"dtype": "model", "scale_dtype": "model"}}  # float32 tensors and scales
     plain = frugal.compress(model, recipe(**f32), CALIB)
     refined = frugal.compress(model, recipe(refine=REFINE, **f32), CALIB)
     k_plain, k_ref = kl(ref, logits(plain.model)), kl(ref, logits(refined.model))

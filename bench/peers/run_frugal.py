@@ -34,6 +34,8 @@ def run(r: _util.Run) -> None:
         spec["refine"] = {"enabled": True}
     if extra.scale_dtype:
         spec["weights"]["scale_dtype"] = extra.scale_dtype
+    if extra.storage_dtype:
+        spec["storage"] = {"dtype": extra.storage_dtype}
     recipe = frugal.Recipe.from_dict(spec)
     with r.time("quant"):
         res = frugal.compress(loaded.model, recipe, ids, tokenizer=loaded.tokenizer, inplace=True)
@@ -67,6 +69,8 @@ def _extra_args():
     ap.add_argument("--rotate", action="store_true")
     ap.add_argument("--asym", action="store_true")
     ap.add_argument("--refine", action="store_true")
+    ap.add_argument("--storage-dtype", default=None, help="storage.dtype (model: no 16-bit rounding, as every "
+                    "frugal version reads it)")
     ap.add_argument("--scale-dtype", default=None, help="weights.scale_dtype (e.g. bfloat16: what two frugal "
                     "versions with different scale defaults both read)")
     return ap.parse_known_args()[0]

@@ -53,16 +53,9 @@ def test_awq_statistics_do_not_depend_on_the_batch_size(tiny_model_factory, fami
 def test_streamed_batches_equal_in_memory_batch_one(tiny_model_factory, tmp_path):
     """The streaming engine replays saved block outputs batch by batch into the tied head's Hessian."""
     import frugal
-    from safetensors import safe_open
+    from conftest import read_tensors as tensors
 
     from frugal.compression.stream import compress_streaming
-
-    def tensors(directory):
-        out = {}
-        for f in sorted(directory.glob("*.safetensors")):
-            with safe_open(str(f), "pt") as st:
-                out.update({k: st.get_tensor(k) for k in st.keys()})
-        return out
 
     src = tiny_model_factory("llama", tie_word_embeddings=True)
     mem = frugal.compress(str(src), _recipe(1), IDS).save(tmp_path / "mem")

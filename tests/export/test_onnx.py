@@ -86,7 +86,9 @@ class Exported:
 
 
 def _tiny(family: str, dest: Path, **config: Any) -> Path:
-    return build_tiny_model(family, dest, **config)
+    """A 256-token context: the graph's rotary tables (max_position_embeddings rows) stay small beside
+    the embedding the size checks compare with."""
+    return build_tiny_model(family, dest, **{"max_position_embeddings": 256, **config})
 
 
 def _export(case: Case, root: Path) -> Exported:
