@@ -62,7 +62,6 @@ def forward_seconds(model, ids, batch: int, bf16: bool) -> float:
 
 def measure_fwd(orig: Path, calib: Path, into: dict) -> None:
     """Add one measurement of every forward configuration to `into` ({"b8 bf16": [s, ...]})."""
-    import torch
     from safetensors.torch import load_file
 
     from frugal.load.model import load_model
@@ -73,8 +72,6 @@ def measure_fwd(orig: Path, calib: Path, into: dict) -> None:
         key = f"batch {batch} {'bf16 autocast' if bf16 else 'float32'}"
         into.setdefault(key, []).append(forward_seconds(model, ids, batch, bf16))
         log.info("T_fwd %s: %.1f s", key, into[key][-1])
-    del model
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
 
 def baseline_src(ref: str) -> Path:

@@ -241,6 +241,13 @@ def rotate(c: Ctx, x: str, cos: str, sin: str) -> str:
     return g.op("Add", g.op("Mul", x, cos), g.op("Mul", rot, sin))
 
 
+def rotary_key(cfg: Any, rot: torch.nn.Module, i: int) -> str | None:
+    """Which of the rotary module's tables layer i uses: its layer type where the module keeps one table
+    per type (`{type}_inv_freq`, Gemma 3), else None (the one table)."""
+    types = getattr(cfg, "layer_types", None)
+    return types[i] if types is not None and hasattr(rot, f"{types[i]}_inv_freq") else None
+
+
 def window_of(cfg: Any, i: int) -> int | None:
     """Sliding window of layer i: every layer when the config has no layer_types (Mistral), else
     the layers typed "sliding_attention" (Qwen2/3, Gemma 3). None: full causal attention."""
@@ -323,9 +330,7 @@ def attention(c: Ctx, x: str, attn: torch.nn.Module, i: int, rot: torch.nn.Modul
     q = heads(c, linear(c, x, attn.q_proj), cfg.num_attention_heads, q_norm)  # (B, nh, S, hd)
     k = heads(c, linear(c, x, attn.k_proj), cfg.num_key_value_heads, k_norm)  # (B, nkv, S, hd)
     v = heads(c, linear(c, x, attn.v_proj), cfg.num_key_value_heads, None)
-    types = getattr(cfg, "layer_types", None)
-    key = types[i] if types is not None and hasattr(rot, f"{types[i]}_inv_freq") else None
-    cos, sin = rotary(c, rot, key)
+    cos, sin = rotary(c, rot, rotary_key(cfg, rot, i))
     q, k = rotate(c, q, cos, sin), rotate(c, k, cos, sin)
     k = g.op("Concat", f"past_key_values.{i}.key", k, axis=2, out=f"present.{i}.key")  # (B, nkv, T, hd)
     v = g.op("Concat", f"past_key_values.{i}.value", v, axis=2, out=f"present.{i}.value")

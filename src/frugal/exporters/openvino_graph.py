@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from frugal.errors import FrugalError
-from frugal.exporters.onnx import rope_tables, window_of
+from frugal.exporters.onnx import rope_tables, rotary_key, window_of
 from frugal.exporters.openvino_weights import compressed_weight, float_constant
 from frugal.families import FamilyRecord
 from frugal.quant.grid import QuantizedWeight
@@ -199,9 +199,7 @@ def attention(c: Ctx, x: Any, attn: torch.nn.Module, i: int, rot: torch.nn.Modul
     q = heads(c, linear(c, x, attn.q_proj), cfg.num_attention_heads, q_norm)  # (B, nh, S, hd)
     k = heads(c, linear(c, x, attn.k_proj), cfg.num_key_value_heads, k_norm)  # (B, nkv, S, hd)
     v = heads(c, linear(c, x, attn.v_proj), cfg.num_key_value_heads, None)
-    types = getattr(cfg, "layer_types", None)
-    key = types[i] if types is not None and hasattr(rot, f"{types[i]}_inv_freq") else None
-    cos, sin = rotary(c, rot, key)
+    cos, sin = rotary(c, rot, rotary_key(cfg, rot, i))
     q, k = rotate(c, q, cos, sin), rotate(c, k, cos, sin)
     k, v = repeat_kv(c, cached(c, k, i, "key")), repeat_kv(c, cached(c, v, i, "value"))  # (B, nh, T, hd)
     mask = causal_mask(c, window_of(cfg, i))
