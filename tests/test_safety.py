@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 import pytest
 
 from test_cli_errors import assert_clean_error, run_cli, tree
@@ -159,3 +161,19 @@ def test_eval_ref_with_another_vocabulary(tiny_model_dir, tmp_path):
     b = tiny_model_dir("llama", vocab_size=600)
     proc = run_cli("eval", a, "--ref", b, "--eval-tokens", "64", "--seq-len", "32")
     assert_clean_error(proc, str(a), "vocabulary")
+
+
+def test_rounding_in_place_leaves_the_source_files_unchanged(tiny_model_dir):
+    """Rounding (and AWQ's folding, the storage rounding) write into the loaded weights, which are a
+    private copy-on-write map of the source's safetensors file: the file keeps every byte."""
+    import hashlib
+
+    import frugal
+
+    src = tiny_model_dir("llama")
+    digest = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(src.iterdir()) if p.is_file()}
+    ids = torch.randint(3, 500, (4, 32), generator=torch.Generator().manual_seed(0))
+    res = frugal.compress(str(src), {"method": "gptq", "weights": {"bits": 4, "group_size": 32}, "awq": {"enabled": True},
+                                     "calibration": {"num_samples": 4, "seq_len": 32}}, ids)
+    assert res.quantized
+    assert digest == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(src.iterdir()) if p.is_file()}

@@ -90,8 +90,16 @@ def _describe(recipe, extra) -> str:
         parts.append("Hadamard rotation (R1 residual stream + per-head R2) fused into the weights, head untied")
     if extra.refine:
         parts.append(f"block-wise output-error refinement {d.get('refine')}")
-    grid = "asymmetric (integer zero point per group)" if extra.asym else "symmetric scale max|w|/7.5 per group"
-    return "; ".join(parts) + f"; {grid}, scales stored in the model's dtype (float32 here), recipe.clip off"
+    w = recipe.weights
+    if extra.asym:
+        grid = "asymmetric (integer zero point per group)"
+    elif w.signed_scale:
+        grid = "symmetric, signed-extreme scale (extreme / -8 per group, all 16 levels)"
+    else:
+        grid = "symmetric scale max|w|/7.5 per group"
+    scales = recipe.storage.scale_dtype if w.scale_dtype == "model" else w.scale_dtype
+    return "; ".join(parts) + (f"; {grid}, scales stored in {scales}, unquantized tensors in "
+                               f"{recipe.storage.dtype}, recipe.clip off")
 
 
 if __name__ == "__main__":

@@ -54,13 +54,9 @@ def _compress(model, tokenizer, source: str, recipe: Recipe, calibration: Any, f
 
 def _engine_recipe(engine: str) -> Recipe:
     """The recommended recipe with the scale storage `engine` computes in (bfloat16 for vLLM)."""
-    from frugal.config import recommended
-    from frugal.exporters import check_engine_known, engine_scale_dtype
+    from frugal.exporters import recommended_for
 
-    d = recommended()
-    check_engine_known(engine, Recipe())
-    d["storage"]["scale_dtype"] = engine_scale_dtype(engine, Recipe()) or d["storage"]["scale_dtype"]
-    return Recipe.from_dict(d)
+    return Recipe.from_dict(recommended_for(engine))
 
 
 def _engine_formats(recipe: Recipe, formats: tuple[str, ...], engine: str) -> tuple[str, ...]:

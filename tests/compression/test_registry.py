@@ -59,7 +59,7 @@ def test_preflight_uses_its_cost_model(sign_method, tiny_model_dir):
     sign = estimate(src, Recipe.from_dict(SIGN))
     rtn = estimate(src, Recipe.from_dict({**SIGN, "method": "rtn"}))
     widest = 128 * 64  # the tiny llama's largest layer (intermediate 128 x hidden 64)
-    assert sign.in_memory_ram_bytes - rtn.in_memory_ram_bytes == (7 - 3) * widest * 4
+    assert sign.peak_ram_bytes - rtn.peak_ram_bytes == (7 - 3) * widest * 4
 
 
 def _tensors(directory):

@@ -241,3 +241,24 @@ def test_single_threaded_column_sweep_gives_the_same_bytes(monkeypatch, act_orde
         many = gptq.gptq_quantize(w.clone(), *args)
     assert torch.equal(one.weight.q, many.weight.q) and torch.equal(one.weight.scale, many.weight.scale)
     assert one.loss == many.loss
+
+
+@pytest.mark.parametrize("act_order,clip", [(True, False), (False, True)], ids=["static", "dynamic-clip"])
+def test_shared_hessian_sweep_equals_one_layer_at_a_time(act_order, clip):
+    """q/k/v (or gate/up) read the same inputs: one sweep over their stacked rows gives every weight the
+    codes, grids and loss it gets alone, bit for bit (dead inputs and float16 weights included)."""
+    from frugal.quant.gptq import gptq_quantize_shared
+    from frugal.quant.options import ClipSearch
+
+    torch.manual_seed(3)
+    x = torch.randn(1024, 128) * torch.rand(128) * 3
+    x[:, 7] = 0  # a dead input
+    h = 2 * x.T @ x / 1024
+    ws = [torch.randn(rows, 128).to(torch.float16) for rows in (64, 16, 16)]
+    args = (WeightScheme(4, 32, not clip), GPTQOptions(act_order=act_order, block_size=64), ClipSearch(clip),
+            torch.float16)
+    stacked = gptq_quantize_shared(ws, h, *args, names=["q", "k", "v"])
+    for w, res in zip(ws, stacked):
+        alone = gptq_quantize(w, h, *args)
+        assert same_weight(res.weight, alone.weight)
+        assert res.loss == alone.loss and res.damp == alone.damp

@@ -47,18 +47,17 @@ def _preset(a: argparse.Namespace) -> dict:
     """The recommended recipe (frugal.config.RECOMMENDED) less what the options given replace: its AWQ
     when the named method calibrates nothing itself (RTN, HQQ stay calibration-free) or the target is a
     GGML grid (--gguf-type), its asymmetric grid when the output is GGUF (Q4_0 holds the symmetric one
-    exactly). Options named explicitly (--awq, --asym) still win."""
+    exactly); with --engine, the scale storage that engine computes in. Options named explicitly (--awq,
+    --asym) still win."""
     from frugal.compression import methods
-    from frugal.config import Recipe, recommended
-    from frugal.exporters import engine_scale_dtype, ggml_format
+    from frugal.config import recommended
+    from frugal.exporters import ggml_format, recommended_for
 
-    d = recommended()
+    d = recommended_for(a.engine) if getattr(a, "engine", None) else recommended()
     if a.gguf_type or (a.method and not methods.get(a.method).needs_hessian):
         d["awq"]["enabled"] = False
     if a.gguf_type or _named_format(a) == ggml_format():
         d["weights"]["symmetric"] = True
-    if getattr(a, "engine", None):
-        d["storage"]["scale_dtype"] = engine_scale_dtype(a.engine, Recipe()) or d["storage"]["scale_dtype"]
     return d
 
 

@@ -21,8 +21,10 @@ from frugal.compression import methods, transforms
 from frugal.compression.timing import stage
 from frugal.compression.result import LayerReport
 from frugal.compression.hooks import HessianHooks, capture_block_inputs, run_batched
+from frugal.compression.inplace import assign
 from frugal.compression.transforms.base import BlockContext, Place
 from frugal.load.blocks import block_linears, find_blocks, outside_linears
+from frugal.load.lazy import fixed_mmap_threshold
 from frugal.config import Recipe
 from frugal.errors import FrugalError
 from frugal.quant.error import rel_errors
@@ -42,25 +44,78 @@ def _quantize_weight(name: str, w: torch.Tensor, recipe: Recipe, h: torch.Tensor
     return method.quantize(w, h, scheme, recipe, recipe.scale_dtype_for(scheme, w.dtype), name)
 
 
-def quantize_layer(name: str, lin: nn.Module, recipe: Recipe, h: torch.Tensor | None,
-                   ggml: str | None = None) -> tuple[QuantizedWeight, LayerReport]:
-    """Quantize one linear layer in place (its weight becomes the dequantized grid values); `ggml`
-    names the GGML type to round onto when the recipe targets a GGUF file type."""
-    t0 = time.perf_counter()
-    w = lin.weight.data
-    if not torch.isfinite(w).all():
+def _check_weight(name: str, lin: nn.Module) -> None:
+    if not torch.isfinite(lin.weight.data).all():
         raise FrugalError(f"{name}: weight has NaN or Inf values")
-    res = _quantize_weight(name, w, recipe, h, ggml)
-    qw = res.weight
+
+
+def _apply(name: str, lin: nn.Module, res, h: torch.Tensor | None, ggml: str | None,
+           seconds: float) -> tuple[QuantizedWeight, LayerReport]:
+    """Rebind the layer's weight to the dequantized grid values; the layer's report."""
+    qw, w = res.weight, lin.weight.data
     w_hat = qw.dequantize(w.dtype)
     w_err, out_err = rel_errors(w, w_hat, h)
     report = LayerReport(
         bits=qw.bits, group_size=qw.group_size, symmetric=qw.zero_point is None,
         weight_rel_error=w_err, output_rel_error=out_err, gptq_loss=res.loss, damp=res.damp, ggml_type=ggml,
+        seconds=seconds,
     )
-    lin.weight.data = w_hat
-    report.seconds = time.perf_counter() - t0
+    assign(lin.weight, w_hat)  # in place: the loaded weight's pages are reused, not kept beside a copy
     return qw, report
+
+
+def quantize_layer(name: str, lin: nn.Module, recipe: Recipe, h: torch.Tensor | None,
+                   ggml: str | None = None) -> tuple[QuantizedWeight, LayerReport]:
+    """Quantize one linear layer in place (its weight becomes the dequantized grid values); `ggml`
+    names the GGML type to round onto when the recipe targets a GGUF file type."""
+    t0 = time.perf_counter()
+    _check_weight(name, lin)
+    res = _quantize_weight(name, lin.weight.data, recipe, h, ggml)
+    return _apply(name, lin, res, h, ggml, time.perf_counter() - t0)
+
+
+def shared_groups(layers: dict[str, nn.Linear], hessians: dict[str, torch.Tensor], recipe: Recipe,
+                  ggml_types: dict[str, str]) -> list[list[str]]:
+    """The layers in order, grouped where one `quantize_shared` call rounds them together: the method has
+    one, they share one Hessian tensor (q/k/v, gate/up), integer grids with the same scheme and scale
+    dtype. Every other layer is a group of its own."""
+    shared = methods.get(recipe.method).quantize_shared is not None
+    groups: dict[tuple, list[str]] = {}
+    for name, lin in layers.items():
+        h = hessians.get(name)
+        key: tuple = (name,)
+        if shared and h is not None and name not in ggml_types:
+            scheme = recipe.scheme_for(name)
+            key = (id(h), scheme, recipe.scale_dtype_for(scheme, lin.weight.dtype), lin.weight.dtype)
+        groups.setdefault(key, []).append(name)
+    return list(groups.values())
+
+
+def quantize_group(names: list[str], layers: dict[str, nn.Linear], recipe: Recipe, h: torch.Tensor
+                   ) -> dict[str, tuple[QuantizedWeight, LayerReport]]:
+    """Quantize layers that share the Hessian `h` in one `quantize_shared` call (see shared_groups)."""
+    t0 = time.perf_counter()
+    for name in names:
+        _check_weight(name, layers[name])
+    scheme = recipe.scheme_for(names[0])
+    ws = [layers[n].weight.data for n in names]
+    results = methods.get(recipe.method).quantize_shared(ws, h, scheme, recipe,
+                                                         recipe.scale_dtype_for(scheme, ws[0].dtype), names)
+    seconds = (time.perf_counter() - t0) / len(names)
+    return {n: _apply(n, layers[n], res, h, None, seconds) for n, res in zip(names, results)}
+
+
+def quantize_layers(layers: dict[str, nn.Linear], recipe: Recipe, hessians: dict[str, torch.Tensor],
+                    ggml_types: dict[str, str]) -> dict[str, tuple[QuantizedWeight, LayerReport]]:
+    """Every layer of a block, those sharing a Hessian in one call; results in the layers' order."""
+    done: dict[str, tuple[QuantizedWeight, LayerReport]] = {}
+    for names in shared_groups(layers, hessians, recipe, ggml_types):
+        if len(names) > 1:
+            done.update(quantize_group(names, layers, recipe, hessians[names[0]]))
+        else:
+            name = names[0]
+            done[name] = quantize_layer(name, layers[name], recipe, hessians.get(name), ggml_types.get(name))
+    return {name: done[name] for name in layers}
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -79,7 +134,9 @@ def block_hessians(layers: dict[str, nn.Linear], block: nn.Module, hidden, args:
     """H = 2/n X^T X of each layer's inputs over the block's calibration inputs (shared where the input is)."""
     with HessianHooks(layers) as hooks:
         run_batched(block, hidden, args, kw, batch_size, hooks.end_sample)
-    hessians = {name: hooks.hessians[name].matrix() for name in layers}
+    matrices: dict[int, torch.Tensor] = {}  # one matrix per accumulator: layers fed the same input share it
+    hessians = {name: matrices.setdefault(id(hooks.hessians[name]), hooks.hessians[name].matrix())
+                for name in layers}
     _check_inputs_finite(hessians, where)
     return hessians
 
@@ -103,11 +160,11 @@ def quantize_block(block: nn.Module, prefix: str, recipe: Recipe, hidden: list[t
     if hidden is not None and methods.get(recipe.method).needs_hessian:
         with stage("statistics"):
             ctx.hessians = block_hessians(ctx.layers, block, hidden, args, kw, prefix, recipe.calibration.batch_size)
-    ctx.float_weights = {name: lin.weight.data for name, lin in ctx.layers.items()}  # quantize_layer rebinds .data
+    if transforms.float_weights(recipe):  # rounding writes into the weights: keep the float ones for the steps
+        ctx.float_weights = {name: lin.weight.data.clone() for name, lin in ctx.layers.items()}
     with stage("solve"):
-        for name, lin in ctx.layers.items():
-            ctx.quantized[name], ctx.reports[name] = quantize_layer(name, lin, recipe, ctx.hessians.get(name),
-                                                                    ggml_types.get(name))
+        for name, (qw, report) in quantize_layers(ctx.layers, recipe, ctx.hessians, ggml_types).items():
+            ctx.quantized[name], ctx.reports[name] = qw, report
     _run_steps(ctx, Place.AFTER_QUANTIZE)
     if hidden is None:
         return ctx.quantized, ctx.reports, None
@@ -187,6 +244,7 @@ def compress_model(
 ) -> tuple[dict[str, QuantizedWeight], dict[str, LayerReport]]:
     """Quantize `model` in place following `recipe` (checked by compression.plan.check_plan); `samples` are
     (n, seq) calibration token ids. MODEL-place transforms have already run (frugal.compress)."""
+    fixed_mmap_threshold()  # large temporaries go back to the system when freed (as when streaming)
     blocks_name, blocks = find_blocks(model)
     quantized: dict[str, QuantizedWeight] = {}
     reports: dict[str, LayerReport] = {}

@@ -1,13 +1,17 @@
 """Pre-flight: the memory and disk a compression needs, from config.json and safetensors headers only.
 
 No weight is read. The estimate is a sum of the pieces the code holds at its peak:
-    in memory (frugal.compress + save):  base + 4 x model + 2 activation sets + Hessians
+    in memory (frugal.compress + save):  base + model + integer codes + the larger of
+                                         (2 activation sets + Hessians + one block forward's temporaries)
+                                         and (1.25 x output: the packed and cast tensors, the writer's
+                                         buffers; measured 1.12 x on a 1.5B model)
     streaming (frugal.compression.stream):           base + outside pieces + 2 largest blocks + activations
                                          (2 sets in RAM; 1 set + 1 sample when the inputs are on disk)
                                          + Hessians of the largest block
 plus the temporaries of quantizing the largest layer. `base` is what Python, torch and transformers
 occupy before any weight (measured: ~370 MB on CPU). Weights are counted as float32, the dtype frugal
-loads them in. Hessians count one float64 accumulator and one float32 copy per linear layer, an upper
+loads them in; the loaded model is counted once, since rounding writes into the loaded weights
+(compression.inplace). Integer codes are one byte per weight until the writer packs them. Hessians count one float64 accumulator and one float32 copy per linear layer, an upper
 bound (layers fed the same input share one accumulator). Measured against peak_rss_bytes: streaming within
 10% above, in memory within 40% (tests/test_preflight.py, docs/benchmarks.md).
 """
@@ -26,12 +30,9 @@ from typing import Any
 from frugal.errors import FrugalError
 
 BASE_BYTES = 430 * 10**6  # Python + torch + transformers + tokenizer before any weight (~370-400 MB measured)
+LOADER_BYTES = 80 * 10**6  # in memory: what transformers' from_pretrained keeps beside the weights (measured 50-80 MB)
 HEADER_LIMIT = 100 * 2**20  # safetensors refuses headers above 100 MB too
 FLOAT_BYTES = 4  # weights and activations are float32 in frugal
-# frugal.compress + save holds the model up to ~4 times at its peak (RTN on 95-365 MB models: 2.8-3.6x
-# above the interpreter, varying from run to run): the loaded weights, the loader's file pages, the
-# integer codes, packed copies while saving
-IN_MEMORY_MODEL_COPIES = 4
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 # safetensors dtype code by torch dtype name: the one table (load.lazy and compression.workdir build theirs from it)
@@ -198,7 +199,7 @@ def estimate_tensors(tensors: dict[str, TensorInfo], hidden: int, recipe: Any = 
     blocks = [0] * n_blocks
     hess = [0] * n_blocks
     outside = output = 0
-    layer_work = 0
+    layer_work = held = widest = 0
     stored = recipe.cast_dtype()  # bytes per value of what stays unquantized in the file
     store_bytes = FLOAT_BYTES if stored is None else stored.itemsize
     scale_store = scale_bytes(recipe.storage.scale_dtype, FLOAT_BYTES)  # "model" scales (float32 in frugal)
@@ -219,22 +220,35 @@ def estimate_tensors(tensors: dict[str, TensorInfo], hidden: int, recipe: Any = 
             output += t.numel * store_bytes if t.is_float else nbytes
             continue
         s = recipe.scheme_for(name[: -len(".weight")])
-        output += packed_bytes(*t.shape, s.bits, s.group_size, s.symmetric, scale_bytes(s.scale_dtype, scale_store))
+        sb = scale_bytes(s.scale_dtype, scale_store)
+        output += packed_bytes(*t.shape, s.bits, s.group_size, s.symmetric, sb)
         out_f, in_f = t.shape
+        groups = 1 if s.group_size == -1 else -(-in_f // s.group_size)
+        held += out_f * in_f + out_f * groups * (sb + (0 if s.symmetric else 1))  # int8 codes, scales, zero points
+        if m:
+            widest = max(widest, out_f, in_f)
         layer_work = max(layer_work, method.work_bytes(out_f, in_f))
         if m and method.needs_hessian:
             hess[int(m.group(1))] += method.hessian_bytes(in_f)
     # refinement also carries the float model's hidden states: twice the activations
+    batch = min(n, recipe.calibration.batch_size)
+    forward = forward_bytes(batch, seq, hidden, widest) if recipe.needs_calibration else 0
     return _combine(sum(blocks) + outside, max(blocks), outside, n_blocks, hidden, n * (2 if float_targets(recipe) else 1),
-                    seq, recipe.needs_calibration, max(hess), output, layer_work)
+                    seq, recipe.needs_calibration, max(hess), output, layer_work, held, forward)
+
+
+def forward_bytes(batch: int, seq: int, hidden: int, widest: int) -> int:
+    """Temporaries of one block forward on `batch` sequences: three (batch, seq, widest) MLP tensors, four
+    of the hidden size and two sets of attention scores (heads taken as hidden / 64)."""
+    return (batch * seq * (3 * widest + 4 * hidden) + 2 * batch * max(hidden // 64, 1) * seq * seq) * FLOAT_BYTES
 
 
 def _combine(model: int, block: int, outside: int, n_blocks: int, hidden: int, n: int, seq: int, calibrated: bool,
-             hessian: int, output: int, layer_work: int) -> Estimate:
+             hessian: int, output: int, layer_work: int, held: int = 0, forward: int = 0) -> Estimate:
     """Add the pieces up (see the module docstring)."""
     acts = n * seq * hidden * FLOAT_BYTES if calibrated else 0
     sample = acts // max(n, 1)
-    in_memory = BASE_BYTES + IN_MEMORY_MODEL_COPIES * model + 2 * acts + hessian + layer_work
+    in_memory = BASE_BYTES + LOADER_BYTES + model + held + max(2 * acts + hessian + layer_work + forward, 5 * output // 4)
     blocks_phase = outside + 2 * block + hessian + layer_work
     final_phase = 2 * outside + layer_work
     stream = BASE_BYTES + max(blocks_phase, final_phase)

@@ -79,6 +79,17 @@ def engine_scale_dtype(key: str, recipe) -> str:
     return next((e.scale_dtype for f in FORMATS for e in engines(f, recipe) if e.key == key and e.scale_dtype), "")
 
 
+def recommended_for(key: str) -> dict:
+    """The recommended recipe (frugal.config.recommended) with the scale storage engine `key` computes in;
+    FrugalError for an unknown engine."""
+    from frugal.config import Recipe, recommended
+
+    d = recommended()
+    check_engine_known(key, Recipe())
+    d["storage"]["scale_dtype"] = engine_scale_dtype(key, Recipe()) or d["storage"]["scale_dtype"]
+    return d
+
+
 def check_engine_known(key: str, recipe) -> None:
     from frugal.errors import FrugalError
 

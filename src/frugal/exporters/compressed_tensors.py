@@ -66,9 +66,8 @@ def compressed_state_dict(model: torch.nn.Module, quantized: dict[str, Quantized
 
     from frugal.exporters.hf import dense_state_dict
 
-    sd = dense_state_dict(model, dtype)
+    sd = dense_state_dict(model, dtype, drop=frozenset(f"{name}.weight" for name in quantized))
     for name, qw in quantized.items():
-        del sd[f"{name}.weight"]
         sd[f"{name}.weight_packed"] = pack_to_int32(qw.q, qw.bits)
         sd[f"{name}.weight_scale"] = qw.scale
         sd[f"{name}.weight_shape"] = torch.tensor(list(qw.q.shape), dtype=torch.int64)

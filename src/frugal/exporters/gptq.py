@@ -190,9 +190,8 @@ def gptq_state_dict(model: torch.nn.Module, quantized: dict[str, QuantizedWeight
     replaced by its GPTQ tensors."""
     from frugal.exporters.hf import dense_state_dict
 
-    sd = dense_state_dict(model, dtype)
+    sd = dense_state_dict(model, dtype, drop=frozenset(f"{name}.weight" for name in quantized))
     for name, qw in quantized.items():
-        del sd[f"{name}.weight"]
         for key, t in gptq_tensors(qw, fmt).items():
             sd[f"{name}.{key}"] = t
     return sd

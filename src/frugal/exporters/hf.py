@@ -25,10 +25,12 @@ def dedupe_tied(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def dense_state_dict(model: torch.nn.Module, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    """`model`'s state dict with its float tensors in `dtype` (None: as they are); tensors that share
+def dense_state_dict(model: torch.nn.Module, dtype: torch.dtype | None,
+                     drop: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
+    """`model`'s state dict without the names in `drop` (replaced by the caller: not cast, so no
+    temporary copy of them), its float tensors in `dtype` (None: as they are); tensors that share
     storage (tied embeddings) stay shared, so `dedupe_tied` still writes them once."""
-    sd = dict(model.state_dict())
+    sd = {k: v for k, v in model.state_dict().items() if k not in drop}
     if dtype is None:
         return sd
     cast: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}

@@ -99,37 +99,63 @@ def gptq_quantize(
     name: str = "layer",
 ) -> GPTQResult:
     """Quantize an (out, in) weight `w` given its (in, in) Hessian `h`."""
-    scale_dtype = scale_dtype or w.dtype
-    w, h = _without_dead_inputs(w, h)
-    out_f, in_f = w.shape
+    return gptq_quantize_shared([w], h, scheme, opts, clip, scale_dtype, [name])[0]
+
+
+def row_slices(rows: list[int]) -> list[tuple[int, int]]:
+    """[start, end) of each weight's rows in their stack."""
+    ends = [sum(rows[: k + 1]) for k in range(len(rows))]
+    return [(e - r, e) for r, e in zip(rows, ends)]
+
+
+def gptq_quantize_shared(
+    ws: list[torch.Tensor],
+    h: torch.Tensor,
+    scheme: WeightScheme,
+    opts: GPTQOptions,
+    clip: ClipSearch | None = None,
+    scale_dtype: torch.dtype | None = None,
+    names: list[str] | None = None,
+) -> list[GPTQResult]:
+    """Quantize (out_k, in) weights that read the same inputs (q/k/v, gate/up) and so share the Hessian
+    `h`: one inverse-Hessian factor and one column sweep over their stacked rows. GPTQ treats rows
+    independently, and the sweep runs its row reductions and lazy-batch GEMMs weight by weight, so each
+    result equals gptq_quantize's on that weight alone, bit for bit."""
+    names = names or [f"layer{k}" for k in range(len(ws))]
+    scale_dtype = scale_dtype or ws[0].dtype
+    prepared = [_without_dead_inputs(w, h) for w in ws]
+    h = prepared[0][1]
+    rows = row_slices([p[0].shape[0] for p in prepared])
+    in_f = h.shape[0]
     gs = group_size_of(scheme, in_f)
 
     static = opts.act_order or gs == in_f
-    scale = zero = None
-    if static:
-        scale, zero = grid_for(w, scheme, scale_dtype, clip)  # (out, n_groups)
+    if static:  # grids from the original weights, weight by weight
+        grids = [grid_for(p[0], scheme, scale_dtype, clip) for p in prepared]  # (out_k, n_groups) each
+        scale, zero = torch.cat([g[0] for g in grids]), torch.cat([g[1] for g in grids])
+    w = torch.cat([p[0] for p in prepared]) if len(prepared) > 1 else prepared[0][0]  # (out, in)
+    if not static:
+        scale = torch.zeros(w.shape[0], in_f // gs)
+        zero = torch.zeros_like(scale)
     perm = column_order(h, opts.act_order)
     w, h = w[:, perm], h[perm][:, perm]
-    group_of = perm // gs  # (in,) group of each permuted column
-    hinv, damp = inverse_hessian(h, opts, name)
+    group_of = (perm // gs).tolist()  # group of each permuted column
+    hinv, damp = inverse_hessian(h, opts, ", ".join(names))
 
-    if not static:
-        scale = torch.zeros(out_f, in_f // gs)
-        zero = torch.zeros_like(scale)
-
-    def quant_col(x: torch.Tensor, col: int, w1: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        g = int(group_of[col])
-        if not static and col % gs == 0:  # dynamic groups: grid from the updated weights
-            scale[:, g], zero[:, g] = group_params(w1[:, i : i + gs], scheme.bits, scheme.symmetric, scale_dtype, clip,
-                                                       scheme.signed_scale)
+    def quant_col(x: torch.Tensor, col: int, w1t: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = group_of[col]
+        if not static and col % gs == 0:  # dynamic groups: grid from the updated weights, weight by weight
+            for a, b in rows:
+                scale[a:b, g], zero[a:b, g] = group_params(w1t[i : i + gs, a:b].T.contiguous(), scheme.bits, scheme.symmetric,
+                                                           scale_dtype, clip, scheme.signed_scale)
         q = quantize_codes(x, scale[:, g], zero[:, g], scheme.bits)  # (out,)
         return q, (q - zero[:, g]) * scale[:, g]
 
     block = math.ceil(opts.block_size / gs) * gs if not static else opts.block_size
-    codes, loss = gptq_loop(w, hinv, block, quant_col)
+    codes, losses = gptq_loop(w, hinv, block, quant_col, rows)
     codes = codes[:, torch.argsort(perm)]
-    result = pack_result(codes, scale, zero, scheme, scale_dtype)
-    return GPTQResult(weight=result, loss=loss, damp=damp)
+    return [GPTQResult(weight=pack_result(codes[a:b], scale[a:b], zero[a:b], scheme, scale_dtype), loss=loss,
+                       damp=damp) for (a, b), loss in zip(rows, losses)]
 
 
 @contextlib.contextmanager
@@ -152,32 +178,38 @@ def threads(n: int) -> Iterator[None]:
 SINGLE_THREAD_ROWS = 8192
 
 
-def gptq_loop(w: torch.Tensor, hinv: torch.Tensor, block: int, quant_col) -> tuple[torch.Tensor, float]:
+def gptq_loop(w: torch.Tensor, hinv: torch.Tensor, block: int, quant_col,
+              rows: list[tuple[int, int]] | None = None) -> tuple[torch.Tensor, list[float]]:
     """The GPTQ column sweep over (out, in) `w` (already permuted) with inverse-Hessian factor `hinv`.
 
-    `quant_col(x, j, w1, i)` returns the codes and grid values (out,) of column j (its position i in the
-    current lazy batch w1). Returns the codes (out, in) and the GPTQ loss estimate. The column loop runs on
-    one thread (SINGLE_THREAD_ROWS), the lazy-batch update between blocks on all of them.
+    `quant_col(x, j, w1t, i)` returns the codes and grid values (out,) of column j (row i of the current
+    lazy batch w1t, held transposed (B, out) so that a column is contiguous). `rows`: the [start, end)
+    row ranges of the stacked weights (default: one weight). Returns the codes (out, in) and each weight's
+    GPTQ loss estimate. The column loop runs on one thread (SINGLE_THREAD_ROWS), the lazy-batch update
+    between blocks on all of them, one GEMM per weight (the shapes a weight alone would give).
     """
     out_f, in_f = w.shape
+    rows = rows or [(0, out_f)]
     codes = torch.zeros_like(w)
     losses = torch.zeros(out_f, dtype=torch.float64)
     for i1 in range(0, in_f, block):
         i2 = min(i1 + block, in_f)
-        w1 = w[:, i1:i2].clone()  # (out, B) columns of this lazy batch
-        err1 = torch.zeros_like(w1)
+        w1t = w[:, i1:i2].T.contiguous()  # (B, out): this lazy batch's columns, each one contiguous
+        err1t = torch.zeros_like(w1t)
         hinv1 = hinv[i1:i2, i1:i2]
         with threads(1 if out_f <= SINGLE_THREAD_ROWS else torch.get_num_threads()):
             for i in range(i2 - i1):
-                q, value = quant_col(w1[:, i], i1 + i, w1, i)
+                q, value = quant_col(w1t[i], i1 + i, w1t, i)
                 codes[:, i1 + i] = q
-                e = (w1[:, i] - value) / hinv1[i, i]
+                e = (w1t[i] - value) / hinv1[i, i]
                 ed = e.double()
                 losses += ed * ed / 2  # (w - q)^2 / d^2 / 2 (a product: the same bits on any thread count)
-                w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
-                err1[:, i] = e
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    return codes, float(losses.sum())
+                w1t[i:] -= hinv1[i, i:][:, None] * e[None, :]
+                err1t[i] = e
+        err1 = err1t.T.contiguous()  # (out, B)
+        for a, b in rows:
+            w[a:b, i2:] -= err1[a:b] @ hinv[i1:i2, i2:]
+    return codes, [float(losses[a:b].clone().sum()) for a, b in rows]
 
 
 def gptq_ggml(w: torch.Tensor, h: torch.Tensor, type_name: str, opts: GPTQOptions, name: str = "layer"):
@@ -200,6 +232,6 @@ def gptq_ggml(w: torch.Tensor, h: torch.Tensor, type_name: str, opts: GPTQOption
         q = codes_on(x, s, o, t)
         return q, values_on(q, s, o)
 
-    codes, loss = gptq_loop(w[:, perm], hinv, opts.block_size, quant_col)
+    codes, (loss,) = gptq_loop(w[:, perm], hinv, opts.block_size, quant_col)
     q = codes[:, torch.argsort(perm)].to(torch.int8)
     return GPTQResult(weight=GGMLWeight(type_name, q, grid.scale, grid.offset, grid.fields), loss=loss, damp=damp)

@@ -34,6 +34,8 @@ class Method:
 
     `quantize(w, h, scheme, recipe, scale_dtype, name)` rounds an (out, in) weight onto an integer grid;
     `quantize_ggml(w, h, ggml_type, recipe, name)` onto a GGML block type (None: integer grids only).
+    `quantize_shared(ws, h, scheme, recipe, scale_dtype, names)`, where given, rounds several weights that
+    share one Hessian (q/k/v, gate/up) in one call, each result equal to `quantize`'s on it alone.
     `h` is the (in, in) Hessian of the layer's inputs when `needs_hessian`, else None. `options` names the
     Recipe field holding the method's options dataclass. `clip`: whether recipe.clip applies; a method
     that refuses clip or GGML targets says why in `refusal`. Cost model for pre-flight: `work_bytes(out,
@@ -44,6 +46,7 @@ class Method:
     summary: str
     quantize: Callable[..., Quantized]
     quantize_ggml: Callable[..., Quantized] | None = None
+    quantize_shared: Callable[..., list[Quantized]] | None = None
     needs_calibration: bool = False
     needs_hessian: bool = False
     options: str | None = None

@@ -12,6 +12,14 @@ def quantize(w, h, scheme, recipe, scale_dtype, name):
     return Quantized(res.weight, res.loss, res.damp)
 
 
+def quantize_shared(ws, h, scheme, recipe, scale_dtype, names):
+    """Weights reading the same inputs: one inverse-Hessian factor, one column sweep (same bytes)."""
+    from frugal.quant.gptq import gptq_quantize_shared
+
+    results = gptq_quantize_shared(ws, h, scheme, recipe.gptq, recipe.clip, scale_dtype, names=names)
+    return [Quantized(r.weight, r.loss, r.damp) for r in results]
+
+
 def quantize_ggml(w, h, ggml_type, recipe, name):
     """GPTQ onto a GGML grid fixed from the original weights; without a Hessian (embeddings) to nearest."""
     from frugal.compression.methods import rtn
@@ -34,5 +42,5 @@ def hessian_bytes(in_f: int) -> int:
 
 
 METHOD = Method(name="gptq", summary="default; Hessian-aware rounding from calibration data", quantize=quantize,
-                quantize_ggml=quantize_ggml, needs_calibration=True, needs_hessian=True, options="gptq",
+                quantize_ggml=quantize_ggml, quantize_shared=quantize_shared, needs_calibration=True, needs_hessian=True, options="gptq",
                 work_bytes=work_bytes, hessian_bytes=hessian_bytes)

@@ -45,6 +45,11 @@ def named_steps_at(recipe: Any, place: Place) -> list[tuple[str, Callable]]:
     return [(t.name, t.steps[place]) for t in enabled(recipe) if place in t.steps]
 
 
+def float_weights(recipe: Any) -> bool:
+    """Whether an enabled transform's AFTER_QUANTIZE steps read the block's float weights."""
+    return any(t.float_weights for t in enabled(recipe))
+
+
 def float_targets(recipe: Any) -> bool:
     """Whether an enabled transform needs the float model's block outputs."""
     return any(t.float_targets for t in enabled(recipe))

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from frugal.compression.hooks import InputHooks, run_batched
+from frugal.compression.inplace import assign
 from frugal.compression.transforms.base import BlockContext, Place, Transform
 from frugal.load.blocks import block_linears
 from frugal.errors import FrugalError
@@ -80,13 +81,13 @@ def fold_scales(prev: nn.Module, linears: list[nn.Linear], s: torch.Tensor, norm
     """W <- W diag(s) for `linears` and prev's output channels divided by s: the same function."""
     s = s.float()
     for lin in linears:
-        lin.weight.data = (lin.weight.float() * s[None, :]).to(lin.weight.dtype)  # (out, in)
+        assign(lin.weight, (lin.weight.float() * s[None, :]).to(lin.weight.dtype))  # (out, in)
     if isinstance(prev, nn.Linear):
-        prev.weight.data = (prev.weight.float() / s[:, None]).to(prev.weight.dtype)  # (out, in)
+        assign(prev.weight, (prev.weight.float() / s[:, None]).to(prev.weight.dtype))  # (out, in)
     else:
-        prev.weight.data = ((norm_offset + prev.weight.float()) / s - norm_offset).to(prev.weight.dtype)
+        assign(prev.weight, ((norm_offset + prev.weight.float()) / s - norm_offset).to(prev.weight.dtype))
     if getattr(prev, "bias", None) is not None:
-        prev.bias.data = (prev.bias.float() / s).to(prev.bias.dtype)
+        assign(prev.bias, (prev.bias.float() / s).to(prev.bias.dtype))
 
 
 class StatsHooks:
@@ -129,7 +130,7 @@ def _clip_layer(name: str, lin: nn.Linear, stats: ActivationStats, recipe: Recip
     w = lin.weight.data
     lo, hi = search_clip(w, stats.gram(), scheme, recipe.scale_dtype_for(scheme, w.dtype), recipe.awq.grid,
                          recipe.awq.max_shrink)
-    lin.weight.data = clip_weight(w, lo, hi)
+    assign(lin.weight, clip_weight(w, lo, hi))
 
 
 @torch.no_grad()

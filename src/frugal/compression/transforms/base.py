@@ -22,7 +22,7 @@ class Place(enum.IntEnum):
 class BlockContext:
     """What a block step sees and may change: the block, its calibration inputs and call arguments, the
     float model's outputs of this block (`targets`), and after rounding the quantized weights, layer
-    reports, float weights and Hessians by full layer name."""
+    reports, Hessians and (for transforms declaring `float_weights`) float weights by full layer name."""
 
     block: Any
     prefix: str
@@ -43,7 +43,8 @@ class Transform:
     """A registered step. `enabled(recipe)` says whether the recipe asks for it; `steps` maps places to
     functions (MODEL: f(model, recipe); block places: f(ctx: BlockContext)); `check(model, recipe)`
     refuses a model before any work. `float_targets`: the engine carries the float model's hidden states
-    beside the quantized model's (the activations double). `ggml` / `streaming`: why a GGUF target / the
+    beside the quantized model's (the activations double). `float_weights`: its steps read
+    ctx.float_weights (the engine keeps a copy of the block's float weights; rounding writes in place). `ggml` / `streaming`: why a GGUF target / the
     streaming engine cannot run it ("" when they can). `listed`: whether messages name it."""
 
     name: str  # its Recipe field
@@ -52,6 +53,7 @@ class Transform:
     steps: dict[Place, Callable] = field(default_factory=dict)
     needs_calibration: bool = True
     float_targets: bool = False
+    float_weights: bool = False
     check: Callable[[Any, Any], None] | None = None
     ggml: str = ""
     streaming: str = ""

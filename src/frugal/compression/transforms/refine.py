@@ -10,6 +10,7 @@ import logging
 import torch
 
 from frugal.compression.hooks import run_batched
+from frugal.compression.inplace import assign
 from frugal.compression.transforms.base import BlockContext, Place, Transform
 from frugal.quant.error import rel_errors
 
@@ -38,7 +39,7 @@ def _refine(ctx: BlockContext) -> None:
     log.info("%s: refined output error %.4g -> %.4g (%d steps, %.1f s, %.2f%% of codes moved)", ctx.prefix,
              res.initial_loss, res.final_loss, res.iters, res.seconds, 100 * res.moved)
     for rel, value in res.params.items():
-        ctx.block.get_parameter(rel).data = value
+        assign(ctx.block.get_parameter(rel), value)
     for rel, qw in res.weights.items():
         name = f"{ctx.prefix}.{rel}"
         if qw is ctx.quantized[name]:
@@ -47,11 +48,11 @@ def _refine(ctx: BlockContext) -> None:
         w_err, out_err = rel_errors(ctx.float_weights[name], w_hat, ctx.hessians.get(name))
         ctx.reports[name] = dataclasses.replace(ctx.reports[name], weight_rel_error=w_err, output_rel_error=out_err)
         ctx.quantized[name] = qw
-        ctx.layers[name].weight.data = w_hat
+        assign(ctx.layers[name].weight, w_hat)
 
 
 TRANSFORM = Transform(name="refine", summary="SignRound-style refinement of codes and scales on each block's output",
-                      enabled=lambda recipe: recipe.refine.enabled, float_targets=True,
+                      enabled=lambda recipe: recipe.refine.enabled, float_targets=True, float_weights=True,
                       steps={Place.BLOCK_START: _targets, Place.AFTER_QUANTIZE: _refine},
                       ggml="refinement moves integer-grid codes only",
                       streaming="refinement carries the float model's activations beside the quantized ones; use "

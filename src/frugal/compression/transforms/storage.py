@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from frugal.compression.inplace import assign
 from frugal.compression.transforms.base import BlockContext, Place, Transform
 
 
@@ -19,7 +20,7 @@ def round_parameters(module: torch.nn.Module, dtype: torch.dtype, skip: frozense
     for name, p in module.named_parameters():
         if name in skip or not p.is_floating_point() or p.device.type == "meta" or p.dtype == dtype:
             continue
-        p.data = p.data.to(dtype).to(p.dtype)
+        assign(p, p.data.to(dtype).to(p.dtype))
 
 
 def _to_quantize(module: torch.nn.Module, prefix: str, recipe) -> frozenset[str]:
