@@ -85,3 +85,18 @@ def test_compressed_checkpoint_size_matches_the_estimate(tiny_model_factory, tmp
                              for p in ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
                              if b + p in keys)
                 assert stored == packed_bytes(o, i, 4, 32, True, 2), b
+
+
+@pytest.mark.parametrize("scheme", [(4, 32, True), (4, 32, False), (3, -1, False)], ids=["g32s", "g32a", "chan-a"])
+def test_memory_layout_is_what_a_quantized_weight_holds(scheme):
+    """layout "memory" (pre-flight's count of the codes held until saving) equals a real QuantizedWeight's
+    int8 codes, float16 scales and int8 zero points."""
+    import torch
+
+    from frugal.quant.options import WeightScheme
+    from frugal.quant.rtn import rtn_quantize
+
+    bits, group_size, symmetric = scheme
+    qw = rtn_quantize(torch.randn(48, 96), WeightScheme(bits, group_size, symmetric), scale_dtype=torch.float16)
+    held = sum(t.numel() * t.element_size() for t in (qw.q, qw.scale, qw.zero_point) if t is not None)
+    assert packed_bytes(48, 96, bits, group_size, symmetric, 2, layout="memory") == held

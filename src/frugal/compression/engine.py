@@ -51,7 +51,7 @@ def _check_weight(name: str, lin: nn.Module) -> None:
 
 def _apply(name: str, lin: nn.Module, res, h: torch.Tensor | None, ggml: str | None,
            seconds: float) -> tuple[QuantizedWeight, LayerReport]:
-    """Rebind the layer's weight to the dequantized grid values; the layer's report."""
+    """Write the dequantized grid values into the layer's weight (in place); the layer's report."""
     qw, w = res.weight, lin.weight.data
     w_hat = qw.dequantize(w.dtype)
     w_err, out_err = rel_errors(w, w_hat, h)

@@ -223,8 +223,7 @@ def estimate_tensors(tensors: dict[str, TensorInfo], hidden: int, recipe: Any = 
         sb = scale_bytes(s.scale_dtype, scale_store)
         output += packed_bytes(*t.shape, s.bits, s.group_size, s.symmetric, sb)
         out_f, in_f = t.shape
-        groups = 1 if s.group_size == -1 else -(-in_f // s.group_size)
-        held += out_f * in_f + out_f * groups * (sb + (0 if s.symmetric else 1))  # int8 codes, scales, zero points
+        held += packed_bytes(out_f, in_f, s.bits, s.group_size, s.symmetric, sb, layout="memory")  # int8 codes
         if m:
             widest = max(widest, out_f, in_f)
         layer_work = max(layer_work, method.work_bytes(out_f, in_f))

@@ -10,6 +10,7 @@ from the original weights before any update ("static groups"), so group g still 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 from dataclasses import dataclass
@@ -74,14 +75,25 @@ def inverse_hessian(h: torch.Tensor, opts: GPTQOptions, name: str) -> tuple[torc
     raise FrugalError(f"{name}: Hessian is not positive definite even with dampening {damp / 10:.3g}")
 
 
-def _without_dead_inputs(w: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 copies of (out, in) `w` and (in, in) `h`; inputs that were always zero carry no
-    information: their weights become 0 and their Hessian diagonal 1."""
-    w, h = w.float().clone(), h.float().clone()
+def _dead_inputs(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float32 copy of (in, in) `h` with the diagonal of always-zero inputs set to 1, and their (in,) mask."""
+    h = h.float().clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
+    return h, dead
+
+
+def _zero_dead(w: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+    """A float32 copy of (out, in) `w` with the weights of dead inputs (they carry no information) at 0."""
+    w = w.float().clone()
     w[:, dead] = 0.0
-    return w, h
+    return w
+
+
+def _without_dead_inputs(w: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 copies of (out, in) `w` and (in, in) `h` without dead inputs (_dead_inputs, _zero_dead)."""
+    h, dead = _dead_inputs(h)
+    return _zero_dead(w, dead), h
 
 
 def column_order(h: torch.Tensor, act_order: bool) -> torch.Tensor:
@@ -104,7 +116,7 @@ def gptq_quantize(
 
 def row_slices(rows: list[int]) -> list[tuple[int, int]]:
     """[start, end) of each weight's rows in their stack."""
-    ends = [sum(rows[: k + 1]) for k in range(len(rows))]
+    ends = list(itertools.accumulate(rows))
     return [(e - r, e) for r, e in zip(rows, ends)]
 
 
@@ -123,17 +135,17 @@ def gptq_quantize_shared(
     result equals gptq_quantize's on that weight alone, bit for bit."""
     names = names or [f"layer{k}" for k in range(len(ws))]
     scale_dtype = scale_dtype or ws[0].dtype
-    prepared = [_without_dead_inputs(w, h) for w in ws]
-    h = prepared[0][1]
-    rows = row_slices([p[0].shape[0] for p in prepared])
+    h, dead = _dead_inputs(h)  # once for all the weights
+    prepared = [_zero_dead(w, dead) for w in ws]
+    rows = row_slices([w.shape[0] for w in prepared])
     in_f = h.shape[0]
     gs = group_size_of(scheme, in_f)
 
     static = opts.act_order or gs == in_f
     if static:  # grids from the original weights, weight by weight
-        grids = [grid_for(p[0], scheme, scale_dtype, clip) for p in prepared]  # (out_k, n_groups) each
+        grids = [grid_for(w, scheme, scale_dtype, clip) for w in prepared]  # (out_k, n_groups) each
         scale, zero = torch.cat([g[0] for g in grids]), torch.cat([g[1] for g in grids])
-    w = torch.cat([p[0] for p in prepared]) if len(prepared) > 1 else prepared[0][0]  # (out, in)
+    w = torch.cat(prepared) if len(prepared) > 1 else prepared[0]  # (out, in)
     if not static:
         scale = torch.zeros(w.shape[0], in_f // gs)
         zero = torch.zeros_like(scale)
@@ -146,8 +158,9 @@ def gptq_quantize_shared(
         g = group_of[col]
         if not static and col % gs == 0:  # dynamic groups: grid from the updated weights, weight by weight
             for a, b in rows:
-                scale[a:b, g], zero[a:b, g] = group_params(w1t[i : i + gs, a:b].T.contiguous(), scheme.bits, scheme.symmetric,
-                                                           scale_dtype, clip, scheme.signed_scale)
+                wg = w1t[i : i + gs, a:b].T.contiguous()  # (out_k, gs), laid out as a weight alone has it
+                scale[a:b, g], zero[a:b, g] = group_params(wg, scheme.bits, scheme.symmetric, scale_dtype, clip,
+                                                           scheme.signed_scale)
         q = quantize_codes(x, scale[:, g], zero[:, g], scheme.bits)  # (out,)
         return q, (q - zero[:, g]) * scale[:, g]
 

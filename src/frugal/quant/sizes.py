@@ -22,12 +22,15 @@ def packed_bytes(out_f: int, in_f: int, bits: int, group_size: int, symmetric: b
     each row, scales of `scale_bytes` each, zero points packed into int32 along the output dimension,
     and the weight_shape tensor.
     layout "dense": every code, scale and zero point bit-packed back to back, rounded up to a byte once
-    (the size model of frugal.analysis, kept for its cached analyses)."""
+    (the size model of frugal.analysis, kept for its cached analyses).
+    layout "memory": a QuantizedWeight before packing: one int8 per code and zero point, the scales."""
     groups = 1 if group_size == -1 else -(-in_f // group_size)
     if layout == "dense":
         return (out_f * in_f * bits + out_f * groups * (8 * scale_bytes + (0 if symmetric else bits)) + 7) // 8
+    if layout == "memory":
+        return out_f * in_f + out_f * groups * (scale_bytes + (0 if symmetric else 1))
     if layout != "checkpoint":
-        raise ValueError(f"layout {layout!r}: 'checkpoint' or 'dense'")
+        raise ValueError(f"layout {layout!r}: 'checkpoint', 'dense' or 'memory'")
     n = out_f * -(-in_f * bits // 32) * 4 + out_f * groups * scale_bytes + SHAPE_BYTES
     return n if symmetric else n + -(-out_f * bits // 32) * groups * 4
 

@@ -42,5 +42,5 @@ def hessian_bytes(in_f: int) -> int:
 
 
 METHOD = Method(name="gptq", summary="default; Hessian-aware rounding from calibration data", quantize=quantize,
-                quantize_ggml=quantize_ggml, quantize_shared=quantize_shared, needs_calibration=True, needs_hessian=True, options="gptq",
-                work_bytes=work_bytes, hessian_bytes=hessian_bytes)
+                quantize_ggml=quantize_ggml, quantize_shared=quantize_shared, needs_calibration=True,
+                needs_hessian=True, options="gptq", work_bytes=work_bytes, hessian_bytes=hessian_bytes)

@@ -44,8 +44,9 @@ class Transform:
     functions (MODEL: f(model, recipe); block places: f(ctx: BlockContext)); `check(model, recipe)`
     refuses a model before any work. `float_targets`: the engine carries the float model's hidden states
     beside the quantized model's (the activations double). `float_weights`: its steps read
-    ctx.float_weights (the engine keeps a copy of the block's float weights; rounding writes in place). `ggml` / `streaming`: why a GGUF target / the
-    streaming engine cannot run it ("" when they can). `listed`: whether messages name it."""
+    ctx.float_weights (the engine keeps a copy of the block's float weights; rounding writes in place).
+    `ggml` / `streaming`: why a GGUF target / the streaming engine cannot run it ("" when they can).
+    `listed`: whether messages name it."""
 
     name: str  # its Recipe field
     summary: str
