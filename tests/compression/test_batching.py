@@ -71,3 +71,50 @@ def test_batch_size_is_validated():
 
     with pytest.raises(FrugalError, match="batch_size=0"):
         frugal.Recipe.from_dict(_recipe(0))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_statistics_pass_stops_at_the_last_hooked_layer(tiny_model_factory, family, monkeypatch):
+    """The statistics pass (Hessians, AWQ's activation statistics) ends each call once every hooked layer
+    was fed: the Hessians equal those of whole calls bit for bit, and the block's last layer runs only in
+    the first call (the one that checks each layer is fed exactly once)."""
+    from frugal.compression import hooks as H
+    from frugal.compression.engine import block_hessians
+    from frugal.load.blocks import block_linears, find_blocks
+    from frugal.load.model import load_model
+
+    model = load_model(str(tiny_model_factory(family))).model
+    _, blocks = find_blocks(model)
+    inputs = H.capture_block_inputs(model, blocks, IDS)
+    layers = block_linears(blocks[0], "b0", ())
+    last = list(layers.values())[-1]
+    ran = []
+    handle = last.register_forward_hook(lambda *_: ran.append(1))
+    early = block_hessians(layers, blocks[0], inputs.hidden, inputs.args, inputs.kwargs_per_block[0], "b0", 2)
+    assert len(ran) == 1  # batches of 2, 2, 1: only the first ran to the end
+    monkeypatch.setattr(H.InputHooks, "settle", lambda self: None)
+    whole = block_hessians(layers, blocks[0], inputs.hidden, inputs.args, inputs.kwargs_per_block[0], "b0", 2)
+    handle.remove()
+    assert len(ran) == 4
+    for name in layers:
+        assert torch.equal(early[name], whole[name]), name
+
+
+def test_a_layer_called_twice_keeps_every_call_whole():
+    """A block that calls one hooked layer twice per forward is never cut short (its second input counts)."""
+    from frugal.compression.hooks import HessianHooks, feed_batched
+
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.a(self.b(self.a(x)))
+
+    torch.manual_seed(0)
+    block, xs = Twice(), [torch.randn(1, 3, 4) for _ in range(3)]
+    layers = {"a": block.a, "b": block.b}
+    with HessianHooks(layers) as hooks:
+        feed_batched(block, xs, (), {}, 1, hooks)
+    assert not hooks.stop_early and hooks.hessians["a"].n == 2 * 3 * 3

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from frugal.compression import methods, transforms
 from frugal.compression.timing import stage
 from frugal.compression.result import LayerReport
-from frugal.compression.hooks import HessianHooks, capture_block_inputs, run_batched
+from frugal.compression.hooks import HessianHooks, capture_block_inputs, feed_batched, run_batched
 from frugal.compression.inplace import assign
 from frugal.compression.transforms.base import BlockContext, Place
 from frugal.load.blocks import block_linears, find_blocks, outside_linears
@@ -133,7 +133,7 @@ def block_hessians(layers: dict[str, nn.Linear], block: nn.Module, hidden, args:
                    where: str, batch_size: int = 1) -> dict[str, torch.Tensor]:
     """H = 2/n X^T X of each layer's inputs over the block's calibration inputs (shared where the input is)."""
     with HessianHooks(layers) as hooks:
-        run_batched(block, hidden, args, kw, batch_size, hooks.end_sample)
+        feed_batched(block, hidden, args, kw, batch_size, hooks)
     matrices: dict[int, torch.Tensor] = {}  # one matrix per accumulator: layers fed the same input share it
     hessians = {name: matrices.setdefault(id(hooks.hessians[name]), hooks.hessians[name].matrix())
                 for name in layers}

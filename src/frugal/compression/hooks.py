@@ -127,6 +127,21 @@ def run_batched(block: nn.Module, hidden: Iterable[torch.Tensor], args: tuple, k
     return outs
 
 
+def feed_batched(block: nn.Module, hidden: Iterable[torch.Tensor], args: tuple, kwargs: dict, batch_size: int,
+                 hooks: "InputHooks") -> None:
+    """Run the block over the samples only for what `hooks` collect: `batch_size` samples per call, the first
+    call whole, each later one stopped once every hooked layer was fed (InputHooks.settle). The statistics
+    are those of complete calls: nothing after the last hooked layer feeds them."""
+    for k, x in enumerate(batches(hidden, batch_size)):
+        try:
+            run_block(block, x, args, kwargs)
+        except Stop:
+            pass
+        if k == 0:
+            hooks.settle()
+        hooks.end_sample()
+
+
 class InputHooks:
     """Accumulate something about each linear layer's inputs (`new(x)` makes an accumulator, `add(acc, x)`
     feeds it one sample, (1, ..., in): a batched call (B, seq, in) is fed sample by sample, so sums are
@@ -138,23 +153,32 @@ class InputHooks:
         self._owner: dict[str, str] = {}  # layer -> layer whose accumulator it shares
         self._seen: dict[int, tuple[str, torch.Tensor]] = {}
         self._handles = []
+        self._fed: set[str] = set()  # layers fed in the current call
+        self._calls = 0  # hook calls in the current call
+        self.stop_early = False  # set by `settle`: end each later call once every layer was fed
 
     def _hook(self, name: str):
         def hook(_mod, args):
-            x = args[0]
-            if name not in self._owner:  # first call decides sharing
-                seen = self._seen.get(id(x))
-                if seen is not None and seen[1] is x:
-                    self._owner[name] = seen[0]
-                    self.acc[name] = self.acc[seen[0]]
-                    return
-                self._owner[name] = name
-                self._seen[id(x)] = (name, x)
-                self.acc[name] = self._new(x)
-            if self._owner[name] == name:
-                for sample in (x.split(1) if x.dim() >= 3 else (x,)):
-                    self._add(self.acc[name], sample)
+            self._calls += 1
+            self._feed(name, args[0])
+            self._fed.add(name)
+            if self.stop_early and len(self._fed) == len(self.layers):
+                raise Stop  # what follows the last hooked layer adds nothing to the statistics
         return hook
+
+    def _feed(self, name: str, x: torch.Tensor) -> None:
+        if name not in self._owner:  # first call decides sharing
+            seen = self._seen.get(id(x))
+            if seen is not None and seen[1] is x:
+                self._owner[name] = seen[0]
+                self.acc[name] = self.acc[seen[0]]
+                return
+            self._owner[name] = name
+            self._seen[id(x)] = (name, x)
+            self.acc[name] = self._new(x)
+        if self._owner[name] == name:
+            for sample in (x.split(1) if x.dim() >= 3 else (x,)):
+                self._add(self.acc[name], sample)
 
     def __enter__(self) -> "InputHooks":
         self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in self.layers.items()]
@@ -162,6 +186,13 @@ class InputHooks:
 
     def end_sample(self) -> None:
         self._seen.clear()
+        self._fed.clear()
+        self._calls = 0
+
+    def settle(self) -> None:
+        """After a first complete call: if it fed every layer exactly once, later calls may stop at the last
+        hooked layer (a layer called twice, or one not called, keeps every call whole)."""
+        self.stop_early = self._calls == len(self.layers) == len(self._fed)
 
     def __exit__(self, *exc) -> None:
         for h in self._handles:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 import torch
 import torch.nn as nn
 
-from frugal.compression.hooks import InputHooks, run_batched
+from frugal.compression.hooks import InputHooks, feed_batched, run_batched
 from frugal.compression.inplace import assign
 from frugal.compression.transforms.base import BlockContext, Place, Transform
 from frugal.load.blocks import block_linears
@@ -101,7 +101,7 @@ class StatsHooks:
                 kw: dict) -> dict[str, ActivationStats]:
         with InputHooks(self.layers, lambda x: ActivationStats(x.shape[-1], x.device),
                         lambda st, x: st.add(x, self.tokens)) as hooks:
-            run_batched(block, hidden, args, kw, self.batch_size, hooks.end_sample)
+            feed_batched(block, hidden, args, kw, self.batch_size, hooks)
         return hooks.acc
 
 
