@@ -132,12 +132,15 @@ def _parser() -> argparse.ArgumentParser:
     an.add_argument("--overwrite", action="store_true")
 
     i = sub.add_parser("info", help="architecture, parameters, layers that would be quantized, memory estimate")
-    i.add_argument("model", nargs="?", default=None)
+    i.add_argument("model", nargs="?", default=None, help="model directory, .gguf file, or a config.json alone")
     i.add_argument("--bits", type=int, default=4)
     i.add_argument("--group-size", type=int, default=128)
     i.add_argument("--samples", type=int, default=128)
     i.add_argument("--calib-len", type=int, default=512)
     i.add_argument("--allow-pickle", action="store_true")
+    i.add_argument("--project", nargs="?", const="gptq", default=None, metavar="METHOD",
+                   help="also project the compression time on this machine (a method, or best; default gptq) "
+                        "from one block measured at full size")
     return ap
 
 

@@ -168,12 +168,12 @@ def estimate(model_dir: str | Path, recipe: Any = None, n_samples: int | None = 
 
 
 def model_tensors(model: Any) -> dict[str, TensorInfo]:
-    """The tensors of a loaded model as a checkpoint would list them (tied tensors once, under their
-    first name), for `estimate_tensors` when there are no safetensors headers to read."""
+    """The tensors of a loaded (or meta-device) model as a checkpoint would list them (tied tensors once,
+    under their first name), for `estimate_tensors` when there are no safetensors headers to read."""
     out: dict[str, TensorInfo] = {}
     seen: set[int] = set()
-    for name, t in model.state_dict().items():
-        ptr = t.untyped_storage().data_ptr()
+    for name, t in model.state_dict(keep_vars=True).items():
+        ptr = id(t) if t.is_meta else t.untyped_storage().data_ptr()  # meta tensors have no storage
         if ptr in seen and t.numel():
             continue
         seen.add(ptr)

@@ -12,8 +12,8 @@ from frugal.config import WeightScheme
 def model_bytes(model: nn.Module) -> int:
     """Bytes of the model's distinct parameters and buffers (tied tensors counted once)."""
     seen = {}
-    for t in list(model.parameters()) + list(model.buffers()):
-        seen[t.untyped_storage().data_ptr()] = t.numel() * t.element_size()
+    for t in list(model.parameters()) + list(model.buffers()):  # meta tensors have no storage: by identity
+        seen[id(t) if t.is_meta else t.untyped_storage().data_ptr()] = t.numel() * t.element_size()
     return sum(seen.values())
 
 
