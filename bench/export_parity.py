@@ -779,8 +779,9 @@ def vllm_paragraph(rows: list[Row], versions: str, a) -> str:
         f"bfloat16 for int4: its CPU kernel (`CPUWNA16LinearKernel`: `cpu_gemm_wna16`, or `int4_scaled_mm_cpu` "
         f"for W4A8) has no float32 path, so it reads a bfloat16 copy of the compressed-tensors directory written "
         f"by this script (bench/.work/parity/vllm-bf16: every floating-point tensor cast to bfloat16 - the float16 "
-        f"scales, and whatever unquantized tensors frugal stored wider -, packed codes unchanged) until frugal's "
-        f"recipe stores every tensor vLLM reads in 16 bits; the row `transformers + "
+        f"scales, and whatever unquantized tensors frugal stored wider -, packed codes unchanged): the parity run "
+        f"compresses once, with the default float16 scales, for every engine; a user targeting vLLM writes that "
+        f"layout directly with `frugal compress --engine vllm` (bfloat16 scales and tensors); the row `transformers + "
         f"compressed-tensors (vLLM's bf16 copy)` runs that same file in transformers in bfloat16"
         f"{' (full run only: about 65 s a window on this shared AVX2 machine)' if a.quick else ''}.")
     if not int4_ran:
