@@ -114,3 +114,24 @@ def test_kl_top1_is_bitwise_the_formulas_it_replaced(dtype, sum_dtype):
     assert kl == before and kl_sum(ref, lp, sum_dtype) == before and isinstance(kl, float)
     assert agree == (ref.argmax(-1) == lp.argmax(-1)).sum().item() and isinstance(agree, int)
     assert 0 < agree < 37 and kl > 0
+
+
+def test_models_that_do_not_fit_together_are_evaluated_one_at_a_time(tiny_model_factory, monkeypatch, caplog):
+    """With no memory to spare, each model is loaded alone beside the reference: the same numbers as
+    all of them at once, the reference's row once."""
+    from frugal.compression import preflight
+    from frugal.evaluation.metrics import Protocol
+    from frugal.evaluation.suite import SuiteOptions, run_suite
+    from frugal.load.model import shared_dir
+
+    a, b, ref = (str(tiny_model_factory("llama", seed=s)) for s in (1, 2, 3))
+    opts = SuiteOptions(protocol=Protocol(str(shared_dir() / "data" / "wikitext-2-raw" / "wiki.test.lf.raw"), 32, 256))
+    together = run_suite([a, b], ref, opts)
+    monkeypatch.setattr(preflight, "available_ram_bytes", lambda *_, **__: 0)
+    with caplog.at_level("INFO", logger="frugal.evaluation.suite"):
+        alone = run_suite([a, b], ref, opts)
+    assert "memory for 1 model(s) at a time" in caplog.text
+    assert [m["name"] for m in alone["models"]] == [ref, a, b] == [m["name"] for m in together["models"]]
+    for x, y in zip(together["models"], alone["models"]):
+        assert (x["perplexity"], x["kl"], x["top1"]) == (y["perplexity"], y["kl"], y["top1"])
+    assert alone["protocol"] == together["protocol"]

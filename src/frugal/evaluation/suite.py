@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -10,7 +11,7 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -116,56 +117,96 @@ def check_same_vocabulary(models: dict[str, Any]) -> None:
                               f"share one tokenizer")
 
 
-def run_suite(specs: list[str], ref_spec: str | None, opts: SuiteOptions, allow_pickle: bool = False) -> dict[str, Any]:
-    """Load every model, measure everything the options ask for, and return results.json's content."""
+def _groups(specs: list[str], allow_pickle: bool, headroom: float = 1.5) -> Iterator[dict[str, Any]]:
+    """The models to evaluate, loaded as many at a time as fit: the next is loaded only while the
+    available memory exceeds `headroom` x the largest model loaded so far, else the group so far is
+    yielded first (the caller empties it when done, which frees its models)."""
+    from frugal.compression.preflight import available_ram_bytes
+    from frugal.evaluation.sizes import model_bytes
     from frugal.load.model import load_model
 
-    ref = load_model(ref_spec, allow_pickle=allow_pickle) if ref_spec else None
-    loaded = {spec: load_model(spec, allow_pickle=allow_pickle) for spec in specs}
-    tokenizer = ref.tokenizer if ref else next(iter(loaded.values())).tokenizer
-    if tokenizer is None:
-        raise FrugalError(f"{ref_spec or specs[0]}: no tokenizer, so text cannot be evaluated")
-    check_same_vocabulary({**({ref_spec: ref} if ref else {}), **loaded})
+    group: dict[str, Any] = {}
+    largest = 0
+    for spec in specs:
+        if group and available_ram_bytes() < headroom * largest:
+            log.info("memory for %d model(s) at a time: evaluating them before loading %s", len(group), spec)
+            yield group
+            group = {}
+            gc.collect()
+        group[spec] = load_model(spec, allow_pickle=allow_pickle)
+        largest = max(largest, model_bytes(group[spec].model))
+    if group:
+        yield group
+
+
+def _measure(group: dict[str, Any], ref, ref_name: str, anchor: tuple[str, Any], opts: SuiteOptions,
+             wins, bos, with_ref: bool) -> list[dict[str, Any]]:
+    """results.json entries of the models in `group`, and (`with_ref`) of the reference, named `ref_name`."""
     from frugal.compression.plan import check_sequence_length
 
-    for lm in ([ref] if ref else []) + list(loaded.values()):
+    check_same_vocabulary({anchor[0]: anchor[1], **group})
+    for lm in ([ref] if ref else []) + list(group.values()):
         check_sequence_length(lm.model, opts.protocol.seq_len, "--seq-len")
-    ref_name = f"{ref_spec} (ref)" if ref_spec and ref_spec in loaded else (ref_spec or "")
-    results = evaluate({k: v.model for k, v in loaded.items()}, tokenizer, opts.protocol,
+    results = evaluate({k: v.model for k, v in group.items()}, anchor[1].tokenizer, opts.protocol,
                        ref=ref.model if ref else None, ref_name=ref_name)
-    everyone = ({ref_name: ref} if ref else {}) | loaded
-    wins, bos = windows(tokenizer, opts.protocol)
+    everyone = ({ref_name: ref} if ref else {}) | group
     entries = []
     for r in results:
+        if ref is not None and r.name == ref_name and not with_ref:
+            continue
         lm = everyone[r.name]
         entry = {"name": r.name, "path": str(lm.source), "is_reference": ref is not None and r.name == ref_name,
                  **weight_stats(lm.source if lm.source.is_file() else lm.path),
-                 "perplexity": r.ppl, "nll": r.nll, "kl": r.kl, "top1": r.top1,
+                 "perplexity": r.ppl, "nll": r.nll, "kl": r.kl, "top1": r.top1, "tokens": r.tokens,
                  "layer_errors": layer_errors(lm.path)}
         if ref is not None and not entry["is_reference"] and opts.block_errors:
             from frugal.evaluation.blockerror import block_errors
 
             ids = wins[:1] if bos is None else torch.cat([torch.tensor([[bos]]), wins[:1]], dim=1)
             entry["block_errors"] = block_errors(lm.model, ref.model, ids)
-        entries.append(entry)
-    for entry in entries:
-        model = everyone[entry["name"]].model
+        model = lm.model
         if opts.tasks:
             from frugal.evaluation.tasks import run_task
 
-            entry["tasks"] = {t: run_task(model, tokenizer, t, limit=lim) for t, lim in opts.tasks.items()}
+            entry["tasks"] = {t: run_task(model, anchor[1].tokenizer, t, limit=lim) for t, lim in opts.tasks.items()}
         if opts.generate:
-            entry["generations"] = generations(model, tokenizer, max_new_tokens=opts.max_new_tokens)
+            entry["generations"] = generations(model, anchor[1].tokenizer, max_new_tokens=opts.max_new_tokens)
+        entries.append(entry)
+    return entries
+
+
+def run_suite(specs: list[str], ref_spec: str | None, opts: SuiteOptions, allow_pickle: bool = False) -> dict[str, Any]:
+    """Measure everything the options ask for on every model, and return results.json's content. The
+    models are held as many at a time as memory allows (`_groups`); the reference stays loaded."""
+    from frugal.load.model import load_model
+
+    ref = load_model(ref_spec, allow_pickle=allow_pickle) if ref_spec else None
+    ref_name = f"{ref_spec} (ref)" if ref_spec and ref_spec in specs else (ref_spec or "")
+    anchor = (ref_spec, ref) if ref else None  # whose tokenizer every model must share
+    entries: list[dict[str, Any]] = []
+    wins = bos = None
+    for group in _groups(specs, allow_pickle):
+        if anchor is None:
+            anchor = next(iter(group.items()))
+        if anchor[1].tokenizer is None:
+            raise FrugalError(f"{anchor[0] or specs[0]}: no tokenizer, so text cannot be evaluated")
+        if wins is None:
+            wins, bos = windows(anchor[1].tokenizer, opts.protocol)
+        entries += _measure(group, ref, ref_name, anchor, opts, wins, bos, with_ref=not entries)
+        group.clear()
     if opts.speed:
         for entry in tqdm(entries, desc="speed (one process per model)", unit="model"):
-            entry["speed"] = speed_subprocess(str(everyone[entry["name"]].source))
+            entry["speed"] = speed_subprocess(entry["path"])
+    scored = entries[0].pop("tokens")
+    for e in entries:
+        e.pop("tokens", None)
     return {
         "schema_version": SCHEMA_VERSION,
         "frugal_version": __version__,
         "protocol": {
             "perplexity": {"text": Path(opts.protocol.text).name, "seq_len": opts.protocol.seq_len,
                            "max_tokens": opts.protocol.max_tokens, "bos": bos is not None,
-                           "scored_tokens": results[0].tokens},
+                           "scored_tokens": scored},
             "tasks": {t: {"limit": lim} for t, lim in opts.tasks.items()},
             "speed": asdict(SpeedProtocol()) | {"threads": torch.get_num_threads()} if opts.speed else None,
         },
