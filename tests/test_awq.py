@@ -200,3 +200,32 @@ def test_quantize_block_without_inputs_refuses_awq():
     recipe = Recipe.from_dict({"method": "rtn", "awq": {"enabled": True}})
     with pytest.raises(FrugalError, match=r"layers\.0: recipe\.awq needs calibration inputs"):
         quantize_block(block, "model.layers.0", recipe, None, (), {}, {})
+
+
+def test_output_error_from_the_sampled_inputs_equals_the_gram_form():
+    """Fewer tokens than inputs: ||X dW^T||^2 / n is tr(dW G dW^T), and the scale search picks the same
+    alpha either way; the statistics keep the rows only while n <= in, rescaled with the Gram matrix."""
+    from frugal.quant.awq import ActivationStats, output_error, rtn_quantizer, search_scales
+    from frugal.quant.options import WeightScheme
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 40, 96, generator=g) * torch.linspace(0.1, 4, 96)  # 40 tokens, 96 inputs
+    st = ActivationStats(96)
+    st.add(x)
+    rows, gram = st.sample_rows(), st.gram()
+    assert rows.shape == (40, 96)
+    dw = torch.randn(24, 96, generator=g)
+    assert output_error(dw, None, rows) == pytest.approx(output_error(dw, gram), rel=1e-5)
+    w = torch.randn(24, 96, generator=g)
+    q = [rtn_quantizer(WeightScheme(4, 32))]
+    a = st.mean_abs()
+    by_rows, by_gram = search_scales([w], q, a, None, 20, rows), search_scales([w], q, a, gram, 20)
+    assert by_rows.alpha == by_gram.alpha and by_rows.loss == pytest.approx(by_gram.loss, rel=1e-5)
+    s = torch.rand(96, generator=g) + 0.5
+    st.rescale(s)
+    ref = ActivationStats(96)
+    ref.add(x / s)
+    assert torch.allclose(st.sample_rows(), ref.sample_rows(), rtol=1e-5)
+    assert output_error(dw, None, st.sample_rows()) == pytest.approx(output_error(dw, st.gram()), rel=1e-4)
+    st.add(torch.randn(1, 60, 96, generator=g))  # 100 tokens > 96 inputs: the Gram form only
+    assert st.sample_rows() is None

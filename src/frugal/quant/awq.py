@@ -8,7 +8,9 @@ the output error on calibration inputs X,
     L(s) = sum over the layers fed x of || (Q(W diag(s)) diag(s)^-1 - W) X ||^2,
 
 written with the Gram matrix G = X^T X / n as tr(dW G dW^T), so the cost of one grid point does not
-grow with the number of tokens. The clip search then shrinks each group's range, again minimising
+grow with the number of tokens; where fewer tokens were sampled than the layer has inputs (n < in, the
+down projection of a wide MLP), with the sampled inputs themselves, ||X dW^T||^2 / n, which is then the
+cheaper product (n x in x out against in x in x out). The clip search then shrinks each group's range, again minimising
 the output error of that group (dW_g G_gg dW_g^T) rather than the weight error.
 """
 
@@ -28,12 +30,15 @@ Quantizer = Callable[[torch.Tensor], torch.Tensor]  # (out, in) weight -> its de
 
 
 class ActivationStats:
-    """Running mean |x| per input channel and Gram matrix G = X^T X / n of a layer's inputs."""
+    """Running mean |x| per input channel and Gram matrix G = X^T X / n of a layer's inputs; while no more
+    tokens were seen than the layer has inputs, the sampled inputs too (`sample_rows`)."""
 
     def __init__(self, in_features: int, device: torch.device | str = "cpu"):
         self.abs_sum = torch.zeros(in_features, dtype=torch.float64, device=device)
         self.xtx = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
         self.n = 0
+        self.rows: list[torch.Tensor] | None = []  # the sampled (tokens, in) inputs, while tokens <= in
+        self._row_scale = torch.ones(in_features, device=device)  # 1 / the scales folded since
 
     def add(self, x: torch.Tensor, max_tokens: int | None = None) -> None:
         """Accumulate (..., in) activations, keeping at most `max_tokens` evenly spaced tokens."""
@@ -43,6 +48,14 @@ class ActivationStats:
         self.abs_sum += x.abs().sum(0).double()
         self.xtx += (x.T @ x).double()
         self.n += x.shape[0]
+        if self.rows is not None:
+            self.rows = [*self.rows, x.clone()] if self.n <= self.xtx.shape[0] else None
+
+    def sample_rows(self) -> torch.Tensor | None:
+        """X / sqrt(n), (n, in) float32, of the sampled inputs (as rescaled), or None once n > in."""
+        if not self.rows:
+            return None
+        return torch.cat(self.rows) * self._row_scale / math.sqrt(self.n)
 
     def mean_abs(self) -> torch.Tensor:
         return (self.abs_sum / max(self.n, 1)).float()  # (in,)
@@ -52,6 +65,7 @@ class ActivationStats:
 
     def rescale(self, s: torch.Tensor) -> None:
         """The statistics of x / s, for inputs whose producer was divided by s."""
+        self._row_scale = self._row_scale / s.float()
         s = s.double()
         self.abs_sum /= s
         self.xtx /= s[:, None] * s[None, :]
@@ -62,8 +76,11 @@ def rtn_quantizer(scheme: WeightScheme, scale_dtype: torch.dtype | None = None) 
     return lambda w: rtn_quantize(w, scheme, None, scale_dtype or w.dtype).dequantize(torch.float32)
 
 
-def output_error(dw: torch.Tensor, gram: torch.Tensor) -> float:
-    """tr(dW G dW^T) = mean over tokens of ||dW x||^2, for (out, in) dW and (in, in) G."""
+def output_error(dw: torch.Tensor, gram: torch.Tensor | None, rows: torch.Tensor | None = None) -> float:
+    """tr(dW G dW^T) = mean over tokens of ||dW x||^2, for (out, in) dW: from (in, in) G, or where given
+    from rows = X / sqrt(n), (n, in), as ||rows dW^T||^2 (the same sum, cheaper when n < in)."""
+    if rows is not None:
+        return float(((rows @ dw.T) ** 2).sum(dtype=torch.float64))
     return float(((dw @ gram) * dw).sum(dtype=torch.float64))
 
 
@@ -83,15 +100,16 @@ class ScaleSearch:
 
 
 def search_scales(weights: list[torch.Tensor], quantizers: list[Quantizer], a: torch.Tensor,
-                  gram: torch.Tensor, grid: int) -> ScaleSearch:
+                  gram: torch.Tensor | None, grid: int, rows: torch.Tensor | None = None) -> ScaleSearch:
     """The s = a^alpha, alpha in {0, 1/grid, ..., (grid-1)/grid}, minimising the summed output error
-    of the (out_i, in) `weights` fed the same inputs (mean |x| `a`, Gram `gram`). Ties keep the
-    smaller alpha, so uniform activations give alpha = 0 (s = 1)."""
+    of the (out_i, in) `weights` fed the same inputs (mean |x| `a`; Gram `gram`, or the sampled inputs
+    `rows` = X / sqrt(n) where given: output_error). Ties keep the smaller alpha, so uniform activations
+    give alpha = 0 (s = 1)."""
     best: ScaleSearch | None = None
     for i in range(grid):
         alpha = i / grid
         s = awq_scales(a, alpha)  # (in,)
-        loss = sum(output_error(q(w.float() * s) / s - w.float(), gram) for w, q in zip(weights, quantizers))
+        loss = sum(output_error(q(w.float() * s) / s - w.float(), gram, rows) for w, q in zip(weights, quantizers))
         if best is None or loss < best.loss:
             best = ScaleSearch(s, alpha, loss, best.loss_identity if best else loss)
     return best

@@ -115,7 +115,8 @@ def _search_pair(block: nn.Module, prefix: str, pair: ScalePair, record: FamilyR
     schemes = [recipe.scheme_for(f"{prefix}.{n}") for n in names]
     qs = [rtn_quantizer(sc, recipe.scale_dtype_for(sc, w.dtype)) for sc, w in zip(schemes, ws)]
     st = stats[names[0]]
-    res = search_scales(ws, qs, st.mean_abs(), st.gram(), recipe.awq.grid)
+    rows = st.sample_rows()  # fewer sampled tokens than inputs: the error from them is the cheaper product
+    res = search_scales(ws, qs, st.mean_abs(), st.gram() if rows is None else None, recipe.awq.grid, rows)
     fold_scales(block.get_submodule(pair.prev), [block.get_submodule(n) for n in pair.linears], res.scales,
                 record.norm.offset)
     for shared in {id(stats[n]): stats[n] for n in pair.linears}.values():  # each distinct input once
