@@ -97,6 +97,21 @@ def run_child(directory: Path, out: Path, mode: str, recipe: dict, ids: Path | N
     return int(r.stdout.split()[-1]), time.perf_counter() - t0
 
 
+RESULTS = WORK / "results.json"
+
+
+def _results() -> dict:
+    return json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+
+
+def _record(key: str, peak: int, secs: float) -> None:
+    """Keep one row's measurement (written whole, then renamed) for --resume."""
+    data = {**_results(), key: {"peak": peak, "secs": secs}}
+    tmp = RESULTS.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.replace(RESULTS)
+
+
 def same_tensors(a: Path, b: Path) -> bool:
     from safetensors.torch import load_file
 
@@ -122,11 +137,13 @@ def main() -> None:
     ap.add_argument("--modes", default="memory,stream")
     ap.add_argument("--awq-tokens", type=int, default=None, help="best: AWQ's scale search on at most this many "
                     "calibration tokens (recipe awq.max_tokens; default the recipe's 8192)")
+    ap.add_argument("--resume", action="store_true", help="reuse the rows of earlier runs of the same model, mode "
+                    "and recipe recorded in bench/.work/memory/results.json (their outputs still there)")
     ap.add_argument("--no-docs", action="store_true")
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     directory = float_dir(a.model)
-    rows, t_all = [], time.perf_counter()
+    rows, t_all, reused = [], time.perf_counter(), 0
     for spec in a.recipes.split(","):
         method, _, only = spec.partition(":")
         recipe = recipe_for(method, a.samples, a.awq_tokens)
@@ -135,8 +152,12 @@ def main() -> None:
         outs = {}
         for mode in (only or a.modes).replace("+", ",").split(","):
             outs[mode] = WORK / f"out-{method}-{mode}"
-            log.info("%s %s ...", method, mode)
-            peak, secs = run_child(directory, outs[mode], mode, recipe, ids)
+            key = json.dumps([str(directory), mode, recipe], sort_keys=True)
+            done = _results().get(key) if a.resume and (outs[mode] / "config.json").is_file() else None
+            log.info("%s %s %s", method, mode, "(reused from results.json)" if done else "...")
+            peak, secs = (done["peak"], done["secs"]) if done else run_child(directory, outs[mode], mode, recipe, ids)
+            _record(key, peak, secs)
+            reused += bool(done)
             need = est.in_memory_ram_bytes if mode == "memory" else est.peak_ram_bytes
             rows.append([mode, method, est.model_bytes, peak, need, secs])
             log.info("%s %s: peak %.2f GB, estimate %.2f GB, %.0f s", method, mode, peak / 1e9, need / 1e9, secs)
@@ -144,6 +165,8 @@ def main() -> None:
         for row in rows[-len(outs):]:
             row.append({True: "same bytes", False: "DIFFERENT", None: ""}[same])
     body = render(rows, directory, a, time.perf_counter() - t_all)
+    if reused:
+        body += f"\n{reused} row(s) reused from an earlier run of this command (--resume, results.json).\n"
     publish(f"memory-peak-{'default' if a.model is None else Path(a.model).stem}",
             f"Peak memory against pre-flight: {'default model' if a.model is None else Path(a.model).name}",
             "bench/memory_peak.py", sys.argv[1:], body, docs=not a.no_docs)
