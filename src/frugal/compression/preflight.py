@@ -198,6 +198,7 @@ def estimate_tensors(tensors: dict[str, TensorInfo], hidden: int, recipe: Any = 
     prefix, n_blocks = block_list(list(tensors))
     blocks = [0] * n_blocks
     hess = [0] * n_blocks
+    hess32 = [0] * n_blocks  # the float32 matrices the solve holds (the accumulators are freed by then)
     outside = output = 0
     layer_work = held = widest = 0
     stored = recipe.cast_dtype()  # bytes per value of what stays unquantized in the file
@@ -229,11 +230,12 @@ def estimate_tensors(tensors: dict[str, TensorInfo], hidden: int, recipe: Any = 
         layer_work = max(layer_work, method.work_bytes(out_f, in_f))
         if m and method.needs_hessian:
             hess[int(m.group(1))] += method.hessian_bytes(in_f)
+            hess32[int(m.group(1))] += in_f * in_f * FLOAT_BYTES
     # refinement also carries the float model's hidden states: twice the activations
     batch = min(n, recipe.calibration.batch_size)
     forward = forward_bytes(batch, seq, hidden, widest) if recipe.needs_calibration else 0
     return _combine(sum(blocks) + outside, max(blocks), outside, n_blocks, hidden, n * (2 if float_targets(recipe) else 1),
-                    seq, recipe.needs_calibration, max(hess), output, layer_work, held, forward)
+                    seq, recipe.needs_calibration, max(hess), output, layer_work, held, forward, max(hess32))
 
 
 def forward_bytes(batch: int, seq: int, hidden: int, widest: int) -> int:
@@ -243,12 +245,15 @@ def forward_bytes(batch: int, seq: int, hidden: int, widest: int) -> int:
 
 
 def _combine(model: int, block: int, outside: int, n_blocks: int, hidden: int, n: int, seq: int, calibrated: bool,
-             hessian: int, output: int, layer_work: int, held: int = 0, forward: int = 0) -> Estimate:
-    """Add the pieces up (see the module docstring)."""
+             hessian: int, output: int, layer_work: int, held: int = 0, forward: int = 0,
+             hessian_solve: int = 0) -> Estimate:
+    """Add the pieces up (see the module docstring). The statistics pass holds the accumulators
+    (`hessian`), the solve only their float32 matrices (`hessian_solve`) beside one layer's work."""
     acts = n * seq * hidden * FLOAT_BYTES if calibrated else 0
     sample = acts // max(n, 1)
-    in_memory = BASE_BYTES + LOADER_BYTES + model + held + max(2 * acts + hessian + layer_work + forward, 5 * output // 4)
-    blocks_phase = outside + 2 * block + hessian + layer_work
+    solve = max(hessian, hessian_solve + layer_work)
+    in_memory = BASE_BYTES + LOADER_BYTES + model + held + max(2 * acts + solve + forward, 5 * output // 4)
+    blocks_phase = outside + 2 * block + solve
     final_phase = 2 * outside + layer_work
     stream = BASE_BYTES + max(blocks_phase, final_phase)
     return Estimate(model_bytes=model, block_bytes=block, outside_bytes=outside, n_blocks=n_blocks,
