@@ -175,9 +175,10 @@ def main() -> None:
 def render(rows: list, directory: Path, a, seconds: float) -> str:
     awq = f" (AWQ's search on {a.awq_tokens} of them)" if a.awq_tokens else ""
     head = ("W4 g64, calibration " + f"{a.samples} x 512 tokens for GPTQ{awq}; best = the recommended recipe, "
-            "AWQ scales + asymmetric GPTQ; the children load {directory.name} "
+            f"AWQ scales + asymmetric GPTQ; the children load {directory.name} "
             "(float32). Peak RSS is the child's VmHWM (the interpreter, torch and transformers included: "
-            f"~0.4 GB); whole run {seconds / 60:.1f} min.\n\n")
+            f"~0.4 GB); whole run {seconds / 60:.1f} min. Wall time: each child's, with other work on the same "
+            "2 cores at times (a memory benchmark, not a speed figure).\n\n")
     lines = ["| path | method | model (float32) | peak RSS | peak / model | pre-flight estimate | estimate / peak "
              "| wall time | streamed vs in memory |", "|---|---|---|---|---|---|---|---|---|"]
     for mode, method, model, peak, need, secs, same in rows:
