@@ -37,15 +37,13 @@ def measured_default(recipe) -> tuple[dict[str, float], Path]:
     """Stage seconds of GPTQ on the default model (its own calibration text), and its directory."""
     import frugal
     from frugal.calibrate import from_text
-    from frugal.compression.timing import collect
     from frugal.load.model import load_model, shared_dir
 
     loaded = load_model(None)
     ids = from_text(loaded.tokenizer, shared_dir() / "data" / "wikitext-2" / "valid.txt",
                     recipe.calibration.num_samples, 512, 0)
-    with collect() as times:
-        frugal.compress(loaded.model, recipe, ids, inplace=True)
-    return dict(times), Path(loaded.path)
+    c = frugal.compress(loaded.model, recipe, ids, inplace=True)
+    return {s: t for s, t in c.report.stages.items() if s != "outside layers"}, Path(loaded.path)
 
 
 def preflight(config, recipe) -> tuple[int, int, int]:
