@@ -48,11 +48,10 @@ def measured_default(recipe) -> tuple[dict[str, float], Path]:
 
 def preflight(config, recipe) -> tuple[int, int, int]:
     """(float32 bytes, in-memory peak, streamed peak) of the pre-flight estimate from meta tensors."""
-    from frugal.compression.preflight import estimate_tensors, model_tensors
+    from frugal.compression.preflight import estimate_model
     from frugal.compression.projection import meta_model
 
-    m = meta_model(config)
-    est = estimate_tensors(model_tensors(m), m.get_input_embeddings().weight.shape[1], recipe)
+    est = estimate_model(meta_model(config), recipe)
     return est.model_bytes, est.in_memory_ram_bytes, est.peak_ram_bytes
 
 

@@ -54,13 +54,12 @@ def test_projection_runs_the_engine_on_one_block(config):
 
 
 def test_a_block_too_big_for_memory_is_measured_narrower(config):
-    from frugal.compression.preflight import estimate_tensors, model_tensors
+    from frugal.compression.preflight import estimate_model
 
     cfg = load_config(config)
 
     def need(k: int) -> int:
-        m = meta_model(cfg, narrow=k)
-        return estimate_tensors(model_tensors(m), m.config.hidden_size, RECIPE, 3).in_memory_ram_bytes
+        return estimate_model(meta_model(cfg, narrow=k), RECIPE, 3).in_memory_ram_bytes
 
     assert need(2) < need(1)
     assert narrowing(cfg, RECIPE, available=2 * need(1)) == 1

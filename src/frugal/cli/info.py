@@ -85,11 +85,9 @@ def cmd_info(a: argparse.Namespace) -> int:
 
 def _preflight(m, path, recipe):
     """The pre-flight estimate: from the checkpoint's headers, or from the (meta) model's tensors."""
-    from frugal.compression.preflight import estimate, estimate_tensors, model_tensors
+    from frugal.compression.preflight import estimate, estimate_model
 
-    if path is not None:
-        return estimate(path, recipe)
-    return estimate_tensors(model_tensors(m), m.get_input_embeddings().weight.shape[1], recipe)
+    return estimate(path, recipe) if path is not None else estimate_model(m, recipe)
 
 
 def _print_projection(cfg, recipe) -> None:

@@ -167,6 +167,14 @@ def estimate(model_dir: str | Path, recipe: Any = None, n_samples: int | None = 
                             recipe, n_samples, seq_len)
 
 
+def estimate_model(model: Any, recipe: Any = None, n_samples: int | None = None, seq_len: int | None = None,
+                   quantized: set[str] | None = None) -> Estimate:
+    """`estimate` of a loaded (or meta-device) model, from its tensors: for models without safetensors
+    headers to read."""
+    hidden = model.get_input_embeddings().weight.shape[1]
+    return estimate_tensors(model_tensors(model), hidden, recipe, n_samples, seq_len, quantized)
+
+
 def model_tensors(model: Any) -> dict[str, TensorInfo]:
     """The tensors of a loaded (or meta-device) model as a checkpoint would list them (tied tensors once,
     under their first name), for `estimate_tensors` when there are no safetensors headers to read."""

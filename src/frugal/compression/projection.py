@@ -82,12 +82,10 @@ def one_block_model(config, vocab: int = SMALL_VOCAB, narrow: int = 1):
 def narrowing(config, recipe, available: int) -> int:
     """The smallest power of two dividing the block's widths so that compressing one block needs at most
     half of `available` bytes (pre-flight estimate of the one-block model)."""
-    from frugal.compression.preflight import estimate_tensors, model_tensors
+    from frugal.compression.preflight import estimate_model
 
     for k in (1, 2, 4, 8, 16):
-        m = meta_model(config, narrow=k)
-        est = estimate_tensors(model_tensors(m), m.get_input_embeddings().weight.shape[1], recipe, max(MEASURED))
-        if est.in_memory_ram_bytes <= available // 2:
+        if estimate_model(meta_model(config, narrow=k), recipe, max(MEASURED)).in_memory_ram_bytes <= available // 2:
             return k
     raise FrugalError(f"one block of {getattr(config, 'model_type', 'this model')} does not fit in half of the "
                       f"available memory even at 1/16 of its width")

@@ -29,9 +29,8 @@ def compression_estimate(model: nn.Module, layers: dict[str, nn.Linear], scheme:
     """Output size and peak memory of compressing `layers` of a loaded `model` with GPTQ: the
     pre-flight estimate (frugal.compression.preflight.estimate_tensors) of its tensors, for models
     without safetensors headers to read."""
-    from frugal.compression.preflight import estimate_tensors, model_tensors
+    from frugal.compression.preflight import estimate_model
     from frugal.config import Recipe
 
-    hidden = model.get_input_embeddings().weight.shape[1]
-    est = estimate_tensors(model_tensors(model), hidden, Recipe(weights=scheme), samples, seq_len, set(layers))
+    est = estimate_model(model, Recipe(weights=scheme), samples, seq_len, set(layers))
     return {"output_bytes": est.output_bytes, "peak_bytes": est.in_memory_ram_bytes}

@@ -140,8 +140,9 @@ def _groups(specs: list[str], allow_pickle: bool, headroom: float = 1.5) -> Iter
 
 
 def _measure(group: dict[str, Any], ref, ref_name: str, anchor: tuple[str, Any], opts: SuiteOptions,
-             wins, bos, with_ref: bool) -> list[dict[str, Any]]:
-    """results.json entries of the models in `group`, and (`with_ref`) of the reference, named `ref_name`."""
+             wins, bos, with_ref: bool) -> tuple[list[dict[str, Any]], int]:
+    """results.json entries of the models in `group`, and (`with_ref`) of the reference, named `ref_name`;
+    and the number of tokens scored."""
     from frugal.compression.plan import check_sequence_length
 
     check_same_vocabulary({anchor[0]: anchor[1], **group})
@@ -157,7 +158,7 @@ def _measure(group: dict[str, Any], ref, ref_name: str, anchor: tuple[str, Any],
         lm = everyone[r.name]
         entry = {"name": r.name, "path": str(lm.source), "is_reference": ref is not None and r.name == ref_name,
                  **weight_stats(lm.source if lm.source.is_file() else lm.path),
-                 "perplexity": r.ppl, "nll": r.nll, "kl": r.kl, "top1": r.top1, "tokens": r.tokens,
+                 "perplexity": r.ppl, "nll": r.nll, "kl": r.kl, "top1": r.top1,
                  "layer_errors": layer_errors(lm.path)}
         if ref is not None and not entry["is_reference"] and opts.block_errors:
             from frugal.evaluation.blockerror import block_errors
@@ -172,7 +173,7 @@ def _measure(group: dict[str, Any], ref, ref_name: str, anchor: tuple[str, Any],
         if opts.generate:
             entry["generations"] = generations(model, anchor[1].tokenizer, max_new_tokens=opts.max_new_tokens)
         entries.append(entry)
-    return entries
+    return entries, results[0].tokens
 
 
 def run_suite(specs: list[str], ref_spec: str | None, opts: SuiteOptions, allow_pickle: bool = False) -> dict[str, Any]:
@@ -192,14 +193,12 @@ def run_suite(specs: list[str], ref_spec: str | None, opts: SuiteOptions, allow_
             raise FrugalError(f"{anchor[0] or specs[0]}: no tokenizer, so text cannot be evaluated")
         if wins is None:
             wins, bos = windows(anchor[1].tokenizer, opts.protocol)
-        entries += _measure(group, ref, ref_name, anchor, opts, wins, bos, with_ref=not entries)
+        new, scored = _measure(group, ref, ref_name, anchor, opts, wins, bos, with_ref=not entries)
+        entries += new
         group.clear()
     if opts.speed:
         for entry in tqdm(entries, desc="speed (one process per model)", unit="model"):
             entry["speed"] = speed_subprocess(entry["path"])
-    scored = entries[0].pop("tokens")
-    for e in entries:
-        e.pop("tokens", None)
     return {
         "schema_version": SCHEMA_VERSION,
         "frugal_version": __version__,

@@ -48,8 +48,10 @@ class ActivationStats:
         self.abs_sum += x.abs().sum(0).double()
         self.xtx += (x.T @ x).double()
         self.n += x.shape[0]
-        if self.rows is not None:
-            self.rows = [*self.rows, x.clone()] if self.n <= self.xtx.shape[0] else None
+        if self.rows is not None and self.n > self.xtx.shape[0]:
+            self.rows = None  # more tokens than inputs: the Gram form is the cheaper one from here on
+        elif self.rows is not None:
+            self.rows.append(x.clone())
 
     def sample_rows(self) -> torch.Tensor | None:
         """X / sqrt(n), (n, in) float32, of the sampled inputs (as rescaled), or None once n > in."""
