@@ -35,6 +35,10 @@ def _compress(model, tokenizer, source: str, recipe: Recipe, calibration: Any, f
     from frugal.compression.plan import check_plan
     from frugal.compression.transforms import Place
 
+    from frugal.load.experts import unfuse_experts
+
+    if unfuse_experts(model):
+        log.info("MoE: every expert is quantized as its own matrix")
     check_plan(model, recipe, formats, calibration)
     torch.manual_seed(recipe.seed)
     t0 = time.perf_counter()

@@ -90,10 +90,10 @@ def test_statistics_pass_stops_at_the_last_hooked_layer(tiny_model_factory, fami
     last = list(layers.values())[-1]
     ran = []
     handle = last.register_forward_hook(lambda *_: ran.append(1))
-    early = block_hessians(layers, blocks[0], inputs.hidden, inputs.args, inputs.kwargs_per_block[0], "b0", 2)
+    early = block_hessians(layers, blocks[0], inputs.hidden, inputs.args, inputs.kwargs_per_block[0], "b0", 2)[0]
     assert len(ran) == 1  # batches of 2, 2, 1: only the first ran to the end
     monkeypatch.setattr(H.InputHooks, "settle", lambda self: None)
-    whole = block_hessians(layers, blocks[0], inputs.hidden, inputs.args, inputs.kwargs_per_block[0], "b0", 2)
+    whole = block_hessians(layers, blocks[0], inputs.hidden, inputs.args, inputs.kwargs_per_block[0], "b0", 2)[0]
     handle.remove()
     assert len(ran) == 4
     for name in layers:

@@ -66,7 +66,7 @@ def test_llama_block_groups_qkv_and_gate_up(tiny_model_factory):
     _, blocks = find_blocks(model)
     inputs = capture_block_inputs(model, blocks, IDS)
     layers = block_linears(blocks[0], "model.layers.0", [])
-    hs = block_hessians(layers, blocks[0], inputs.hidden, inputs.args, inputs.kwargs_per_block[0], "block 0")
+    hs = block_hessians(layers, blocks[0], inputs.hidden, inputs.args, inputs.kwargs_per_block[0], "block 0")[0]
     recipe = frugal.Recipe.from_dict(_recipe())
     short = [[n.rsplit(".", 1)[-1] for n in g] for g in shared_groups(layers, hs, recipe, {})]
     assert short == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]

@@ -20,10 +20,12 @@ from tqdm.auto import tqdm
 from frugal.compression import methods, transforms
 from frugal.compression.timing import stage
 from frugal.compression.result import LayerReport
+from frugal.compression.statistics import Statistics, choose_hessians
 from frugal.compression.hooks import HessianHooks, capture_block_inputs, feed_batched, run_batched
 from frugal.compression.inplace import assign
 from frugal.compression.transforms.base import BlockContext, Place
 from frugal.load.blocks import block_linears, find_blocks, outside_linears
+from frugal.load.experts import ExpertLinears, unfuse_experts
 from frugal.load.lazy import fixed_mmap_threshold
 from frugal.config import Recipe
 from frugal.errors import FrugalError
@@ -36,8 +38,11 @@ log = logging.getLogger(__name__)
 
 def _quantize_weight(name: str, w: torch.Tensor, recipe: Recipe, h: torch.Tensor | None, ggml: str | None):
     """The registered method's rounding of one (out, in) weight: onto the GGML type `ggml` when the recipe
-    targets GGUF, else onto the layer's integer scheme."""
+    targets GGUF, else onto the layer's integer scheme; a layer that needs a Hessian but has none
+    (compression.statistics) takes the method's `no_hessian` fallback."""
     method = methods.get(recipe.method)
+    if h is None and method.needs_hessian:
+        method = methods.get(method.no_hessian, f"recipe.method={method.name} no_hessian")
     if ggml is not None:
         return method.quantize_ggml(w, h, ggml, recipe, name)
     scheme = recipe.scheme_for(name)
@@ -128,17 +133,34 @@ def _run_steps(ctx: BlockContext, place: Place) -> None:
             step(ctx)
 
 
+def _expert_groups_of(layers: dict[str, nn.Linear], block: nn.Module) -> dict[str, ExpertLinears]:
+    """The block's ExpertLinears by the name `layers` gives them (`<group>.<e>.<proj>` -> `<group>`)."""
+    names = {id(m): n for n, m in layers.items()}
+    groups = {}
+    for ex in (m for m in block.modules() if isinstance(m, ExpertLinears)):
+        for e in range(ex.num_experts):
+            name = names.get(id(getattr(ex.expert(e), ex.in_proj))) or names.get(id(ex.expert(e).down_proj))
+            if name is not None:
+                groups[name.rsplit(".", 2)[0]] = ex
+                break
+    return groups
+
+
 @torch.no_grad()
 def block_hessians(layers: dict[str, nn.Linear], block: nn.Module, hidden, args: tuple, kw: dict,
-                   where: str, batch_size: int = 1) -> dict[str, torch.Tensor]:
-    """H = 2/n X^T X of each layer's inputs over the block's calibration inputs (shared where the input is)."""
+                   where: str, batch_size: int = 1) -> tuple[dict[str, torch.Tensor | None], dict[str, Statistics]]:
+    """H = 2/n X^T X of each layer's inputs over the block's calibration inputs (shared where the input is;
+    MoE experts from their routed tokens, with the fallbacks of compression.statistics: None where a
+    layer is rounded without one), and the Statistics of the layers that needed a rule."""
     with HessianHooks(layers) as hooks:
         feed_batched(block, hidden, args, kw, batch_size, hooks)
+    groups = _expert_groups_of(layers, block)
+    chosen, stats = choose_hessians(layers, hooks.hessians, groups)
     matrices: dict[int, torch.Tensor] = {}  # one matrix per accumulator: layers fed the same input share it
-    hessians = {name: matrices.setdefault(id(hooks.hessians[name]), hooks.hessians[name].matrix())
-                for name in layers}
-    _check_inputs_finite(hessians, where)
-    return hessians
+    hessians = {name: None if acc is None else matrices.setdefault(id(acc), acc.matrix())
+                for name, acc in chosen.items()}
+    _check_inputs_finite({n: h for n, h in hessians.items() if h is not None}, where)
+    return hessians, stats
 
 
 @torch.no_grad()
@@ -157,14 +179,18 @@ def quantize_block(block: nn.Module, prefix: str, recipe: Recipe, hidden: list[t
     _run_steps(ctx, Place.BLOCK_START)
     _run_steps(ctx, Place.BEFORE_QUANTIZE)
     ctx.layers = block_linears(block, prefix, recipe.ignore)
+    statistics: dict[str, Statistics] = {}
     if hidden is not None and methods.get(recipe.method).needs_hessian:
         with stage("statistics"):
-            ctx.hessians = block_hessians(ctx.layers, block, hidden, args, kw, prefix, recipe.calibration.batch_size)
+            ctx.hessians, statistics = block_hessians(ctx.layers, block, hidden, args, kw, prefix,
+                                                      recipe.calibration.batch_size)
     if transforms.float_weights(recipe):  # rounding writes into the weights: keep the float ones for the steps
         ctx.float_weights = {name: lin.weight.data.clone() for name, lin in ctx.layers.items()}
     with stage("solve"):
         for name, (qw, report) in quantize_layers(ctx.layers, recipe, ctx.hessians, ggml_types).items():
             ctx.quantized[name], ctx.reports[name] = qw, report
+            if name in statistics:
+                report.tokens, report.statistics = statistics[name].tokens, statistics[name].source
     _run_steps(ctx, Place.AFTER_QUANTIZE)
     if hidden is None:
         return ctx.quantized, ctx.reports, None
@@ -234,7 +260,9 @@ def quantize_outside(model, layers, recipe, samples, quantized, reports, ggml_ty
         _check_inputs_finite({n: h.matrix() for n, h in hessians.items()}, "the layers outside the blocks")
     for name, lin in layers.items():
         _untie(model, name, lin)
-        h = hessians[name].matrix() if name in hessians else None
+        h = hessians[name].matrix() if name in hessians and hessians[name].n else None
+        if h is None and samples is not None and methods.get(recipe.method).needs_hessian:
+            log.warning("%s: no calibration input reached it; rounded without a Hessian", name)
         quantized[name], reports[name] = quantize_layer(name, lin, recipe, h, ggml_types.get(name))
 
 
@@ -245,6 +273,7 @@ def compress_model(
     """Quantize `model` in place following `recipe` (checked by compression.plan.check_plan); `samples` are
     (n, seq) calibration token ids. MODEL-place transforms have already run (frugal.compress)."""
     fixed_mmap_threshold()  # large temporaries go back to the system when freed (as when streaming)
+    unfuse_experts(model)  # each MoE expert its own linear layers (idempotent; frugal.compress did it)
     blocks_name, blocks = find_blocks(model)
     quantized: dict[str, QuantizedWeight] = {}
     reports: dict[str, LayerReport] = {}

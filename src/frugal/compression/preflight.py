@@ -178,10 +178,12 @@ def estimate_model(model: Any, recipe: Any = None, n_samples: int | None = None,
 def model_tensors(model: Any) -> dict[str, TensorInfo]:
     """The tensors of a loaded (or meta-device) model as a checkpoint would list them (tied tensors once,
     under their first name), for `estimate_tensors` when there are no safetensors headers to read."""
+    from frugal.exporters.hf import tensor_identity
+
     out: dict[str, TensorInfo] = {}
-    seen: set[int] = set()
+    seen: set[tuple] = set()
     for name, t in model.state_dict(keep_vars=True).items():
-        ptr = id(t) if t.is_meta else t.untyped_storage().data_ptr()  # meta tensors have no storage
+        ptr = tensor_identity(t)  # tied tensors are one view; MoE experts are views of one storage each
         if ptr in seen and t.numel():
             continue
         seen.add(ptr)

@@ -29,9 +29,15 @@ class LayerReport:
     damp: float | None = None
     seconds: float = 0.0
     ggml_type: str | None = None  # set when the layer was rounded onto a GGML grid (recipe.gguf_type)
+    tokens: int | None = None  # MoE experts and unreached layers: the calibration tokens it saw ...
+    statistics: str | None = None  # ... and its Hessian: own, pooled or none (compression.statistics)
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items()}
+        """Every field; `tokens` and `statistics` only where set (dense layers' reports stay as they were)."""
+        return {k: v for k, v in self.__dict__.items() if v is not None or k not in _WHERE_SET}
+
+
+_WHERE_SET = frozenset({"tokens", "statistics"})
 
 
 REPORT_VERSION = 1

@@ -11,9 +11,11 @@ from frugal.config import WeightScheme
 
 def model_bytes(model: nn.Module) -> int:
     """Bytes of the model's distinct parameters and buffers (tied tensors counted once)."""
+    from frugal.exporters.hf import tensor_identity
+
     seen = {}
-    for t in list(model.parameters()) + list(model.buffers()):  # meta tensors have no storage: by identity
-        seen[id(t) if t.is_meta else t.untyped_storage().data_ptr()] = t.numel() * t.element_size()
+    for t in list(model.parameters()) + list(model.buffers()):  # views of one storage (MoE experts) each count
+        seen[tensor_identity(t)] = t.numel() * t.element_size()
     return sum(seen.values())
 
 

@@ -16,6 +16,8 @@ import torch
 
 from frugal.quant.grid import QuantizedWeight
 
+HOLDS_EXPERTS = True  # MoE experts under the checkpoint's own names (load.experts.to_checkpoint)
+
 
 def scheme_args(qw: QuantizedWeight) -> dict[str, Any]:
     """compressed-tensors QuantizationArgs of one quantized weight."""
@@ -65,8 +67,11 @@ def compressed_state_dict(model: torch.nn.Module, quantized: dict[str, Quantized
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
     from frugal.exporters.hf import dense_state_dict
+    from frugal.load.experts import expert_groups, to_checkpoint
 
     sd = dense_state_dict(model, dtype, drop=frozenset(f"{name}.weight" for name in quantized))
+    if expert_groups(model):  # MoE: the experts under the checkpoint's names and layout
+        sd, quantized, _ = to_checkpoint(model, sd, quantized, dtype)
     for name, qw in quantized.items():
         sd[f"{name}.weight_packed"] = pack_to_int32(qw.q, qw.bits)
         sd[f"{name}.weight_scale"] = qw.scale
@@ -76,16 +81,33 @@ def compressed_state_dict(model: torch.nn.Module, quantized: dict[str, Quantized
     return sd
 
 
+def checkpoint_linears(model: torch.nn.Module, quantized: dict[str, QuantizedWeight]
+                       ) -> tuple[list[str], dict[str, QuantizedWeight]]:
+    """(every linear layer, the quantized ones) by the names the checkpoint gives them (MoE experts: the
+    checkpoint's per-expert names, load.experts.to_checkpoint)."""
+    from frugal.load.experts import expert_groups, is_expert_layer, to_checkpoint
+
+    groups = expert_groups(model)
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and is_expert_layer(n, groups) is None]
+    if not groups:
+        return linears, quantized
+    _, quantized, expert_linears = to_checkpoint(model, {}, quantized, None)
+    return linears + expert_linears, quantized
+
+
 def write(compressed: Any, directory: Any) -> None:
     """Write a `frugal.compression.result.Compressed` into an (empty, temporary) directory."""
     import json
 
     from frugal.exporters.hf import write_checkpoint
+    from frugal.load.experts import expert_groups
 
     model = compressed.model
-    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    qc = quantization_config(compressed.quantized, linears)
     dtype = compressed.storage_dtype()
+    linears, quantized = checkpoint_linears(model, compressed.quantized)
+    qc = quantization_config(quantized, linears)
+    if expert_groups(model):
+        qc["dequantize"] = True  # transformers 5 merges per-expert packed weights on its dequantize route only
     write_checkpoint(model, compressed.tokenizer, directory, compressed_state_dict(model, compressed.quantized, dtype),
                      qc, dtype)
     report = json.dumps(compressed.report.to_dict(), indent=2, sort_keys=True) + "\n"

@@ -12,12 +12,21 @@ import torch
 MAX_SHARD = "4GB"
 
 
+def tensor_identity(t: torch.Tensor) -> tuple:
+    """Equal for two tensors exactly when they are the same view of the same storage (tied weights); views
+    of one storage at other offsets (e.g. GPTQ's shared q/k/v scales) differ."""
+    if t.device.type == "meta":
+        return (id(t),)
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+
+
 def dedupe_tied(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop later names of tensors that share storage (tied embeddings); loaders re-tie from config."""
-    seen: set[tuple[int, tuple[int, ...]]] = set()
+    """Drop later names of tensors that are the same view of one storage (tied embeddings); loaders re-tie
+    from config."""
+    seen: set[tuple] = set()
     out = {}
     for name, t in state_dict.items():
-        key = (t.untyped_storage().data_ptr(), tuple(t.shape)) if t.device.type != "meta" else (id(t), ())
+        key = tensor_identity(t)
         if key in seen and t.numel() > 0:
             continue
         seen.add(key)
@@ -33,11 +42,10 @@ def dense_state_dict(model: torch.nn.Module, dtype: torch.dtype | None,
     sd = {k: v for k, v in model.state_dict().items() if k not in drop}
     if dtype is None:
         return sd
-    cast: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
+    cast: dict[tuple, torch.Tensor] = {}
     for name, t in sd.items():
         if t.is_floating_point() and t.dtype != dtype and t.device.type != "meta":
-            key = (t.untyped_storage().data_ptr(), tuple(t.shape))
-            sd[name] = cast.setdefault(key, t.to(dtype))
+            sd[name] = cast.setdefault(tensor_identity(t), t.to(dtype))
     return sd
 
 

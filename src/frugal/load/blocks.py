@@ -35,11 +35,14 @@ def is_ignored(name: str, ignore: tuple[str, ...]) -> bool:
 
 
 def block_linears(block: nn.Module, prefix: str, ignore: tuple[str, ...]) -> dict[str, nn.Linear]:
-    """Linear layers of one block to quantize, by full name, in module order."""
+    """Linear layers of one block to quantize, by full name, in module order (MoE routers stay float)."""
+    from frugal.load.experts import routers
+
+    skip = routers(block)
     return {
         f"{prefix}.{n}": m
         for n, m in block.named_modules()
-        if isinstance(m, nn.Linear) and not is_ignored(f"{prefix}.{n}", ignore)
+        if isinstance(m, nn.Linear) and id(m) not in skip and not is_ignored(f"{prefix}.{n}", ignore)
     }
 
 

@@ -205,6 +205,7 @@ def _from_packed_compressed(directory: Path, dtype: Any) -> Any:
     from safetensors import safe_open
 
     from frugal.load.compressed import read_compressed_tensors
+    from frugal.load.experts import from_checkpoint, unfuse_experts
 
     config = transformers.AutoConfig.from_pretrained(directory)
     if hasattr(config, "quantization_config"):
@@ -216,6 +217,11 @@ def _from_packed_compressed(directory: Path, dtype: Any) -> Any:
         with safe_open(str(f), "pt") as st:
             state.update({k: st.get_tensor(k) for k in st.keys() if not k.endswith(packed)})
     state.update({f"{n}.weight": qw.dequantize(dtype) for n, qw in read_compressed_tensors(directory).items()})
+    if unfuse_experts(model):  # MoE: each expert's weights from the checkpoint's names into its own linears
+        try:
+            state = from_checkpoint(model, state)
+        except KeyError as e:
+            raise FrugalError(f"{directory}: the checkpoint lacks {e.args[0]}, which the architecture needs") from None
     missing, unexpected = model.load_state_dict(state, strict=False)
     head, emb = model.get_output_embeddings(), model.get_input_embeddings()
     tied = head is not None and head.weight is emb.weight

@@ -39,7 +39,8 @@ class Method:
     `h` is the (in, in) Hessian of the layer's inputs when `needs_hessian`, else None. `options` names the
     Recipe field holding the method's options dataclass. `clip`: whether recipe.clip applies; a method
     that refuses clip or GGML targets says why in `refusal`. Cost model for pre-flight: `work_bytes(out,
-    in)` temporaries of rounding one layer, `hessian_bytes(in)` per layer kept while its block runs.
+    in)` temporaries of rounding one layer, `hessian_bytes(in)` per layer kept while its block runs. `no_hessian`: the method (registry name) that
+rounds a layer that needs a Hessian but saw no calibration tokens (compression.statistics).
     """
 
     name: str
@@ -54,6 +55,7 @@ class Method:
     refusal: str = ""
     work_bytes: Callable[[int, int], int] = _copies_of_w
     hessian_bytes: Callable[[int], int] = _no_hessian
+    no_hessian: str = "rtn"  # the method that rounds a layer no calibration input reached (needs_hessian)
 
     def check_recipe(self, recipe: Any) -> None:
         """Refuse recipe settings this method cannot take (one line naming the key)."""
