@@ -146,7 +146,7 @@ def group_size_misfit(tmp_path_factory, tiny_model_factory):
     model = tiny_model_factory("llama", hidden_size=96, num_attention_heads=6, intermediate_size=192)
     before = tree(ws)
     proc = run_cli("compress", model, "-o", ws / "run" / "out", "--no-eval", "--method", "rtn",
-                   "--group-size", "64", cwd=ws / "cwd")
+                   "--group-size", "64", "--strict-groups", cwd=ws / "cwd")
     return proc, before, ws
 
 

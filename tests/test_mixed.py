@@ -65,7 +65,26 @@ def test_ggml_type_overrides_set_per_tensor_types(tiny_model_dir, tmp_path):
 
 
 def test_group_fit_is_checked_per_override(tiny_model_dir):
-    recipe = {"method": "rtn", "weights": {"bits": 4, "group_size": 32},
+    recipe = {"method": "rtn", "weights": {"bits": 4, "group_size": 32}, "strict_groups": True,
               "overrides": [{"match": "*.down_proj", "weights": {"bits": 4, "group_size": 128}}]}
     with pytest.raises(FrugalError, match="down_proj: in_features 96 is not a multiple of group size 128"):
         frugal.compress(tiny_model_dir("llama", intermediate_size=96), recipe)
+
+
+def test_narrow_layers_take_a_group_that_fits(tiny_model_dir, tmp_path, caplog):
+    """Without strict_groups a layer the group size does not divide takes the largest group that does (or
+    per channel), recorded as an override in frugal.json; the other layers keep the recipe's."""
+    import logging
+
+    recipe = {"method": "rtn", "weights": {"bits": 4, "group_size": 64}, "seed": 0}
+    with caplog.at_level(logging.WARNING):
+        c = frugal.compress(tiny_model_dir("llama", intermediate_size=96), recipe)
+    assert "model.layers.0.mlp.down_proj (32)" in caplog.text
+    down, up = c.quantized["model.layers.0.mlp.down_proj"], c.quantized["model.layers.0.mlp.up_proj"]
+    assert down.group_size == 32 and down.scale.shape == (64, 3) and up.group_size == 64
+    c.save(tmp_path / "o")
+    saved = json.loads((tmp_path / "o" / "frugal.json").read_text())
+    assert saved["layers"]["model.layers.1.mlp.down_proj"]["group_size"] == 32
+    assert {"match": "model.layers.1.mlp.down_proj"}.items() <= saved["recipe"]["overrides"][1].items()
+    narrow = frugal.compress(tiny_model_dir("llama", intermediate_size=80), recipe)  # 80: no group divides it
+    assert narrow.quantized["model.layers.0.mlp.down_proj"].group_size == -1

@@ -235,3 +235,36 @@ def test_refusals(runs, tmp_path):
     with pytest.raises(FrugalError, match=r"--format gguf: MoE experts .* compressed-tensors"):
         res.save(tmp_path / "g", fmt="gguf")
     assert not (tmp_path / "s").exists() and not (tmp_path / "g").exists()
+
+
+def test_asymmetric_experts_refused_before_work(runs, tmp_path):
+    """transformers cannot load asymmetric per-expert packed weights: refused in one line, before work."""
+    src, _, _ = runs["mixtral"]
+    asym = {**RECIPE, "weights": {"bits": 4, "group_size": 32, "symmetric": False}}
+    with pytest.raises(FrugalError, match=r"block_sparse_moe.experts|mlp.experts: asymmetric grids on MoE experts"):
+        frugal.compress(src, asym, CALIB_TEXT, out=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+    ignored = frugal.compress(src, {**asym, "ignore": ["lm_head", "*.experts.*"]}, CALIB_TEXT)  # experts float: fine
+    assert not any(".experts." in n for n in ignored.quantized)
+
+
+def test_recommended_recipe_on_moe(tmp_path):
+    """The main job's recipe (AWQ scales on the attention, GPTQ) on a MoE family, symmetric: the attention's
+    norm takes AWQ's scales, every expert is quantized, plain transformers reloads it."""
+    import transformers
+
+    from frugal.config import recommended
+
+    src = build_moe("qwen3_moe", tmp_path / "src")
+    recipe = recommended()
+    recipe["weights"]["symmetric"] = True
+    recipe["weights"]["group_size"] = 32
+    recipe["calibration"] = {"num_samples": 8, "seq_len": 64}
+    c = frugal.compress(src, recipe, CALIB_TEXT)
+    original = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    norm = "model.layers.0.input_layernorm.weight"
+    assert not torch.equal(c.model.state_dict()[norm].float(), original.state_dict()[norm])  # AWQ folded scales
+    assert sum(".experts." in n for n in c.quantized) == 2 * 8 * 2
+    c.save(tmp_path / "out")
+    plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    assert _kl(_log_probs(c.model, IDS), _log_probs(plain, IDS)) < RELOAD_KL

@@ -32,13 +32,14 @@ def _compress(model, tokenizer, source: str, recipe: Recipe, calibration: Any, f
     from frugal import calibrate
     from frugal.compression import timing, transforms
     from frugal.compression.engine import compress_model
-    from frugal.compression.plan import check_plan
+    from frugal.compression.plan import check_plan, fit_groups
     from frugal.compression.transforms import Place
 
     from frugal.load.experts import unfuse_experts
 
     if unfuse_experts(model):
         log.info("MoE: every expert is quantized as its own matrix")
+    recipe = fit_groups(model, recipe)
     check_plan(model, recipe, formats, calibration)
     torch.manual_seed(recipe.seed)
     t0 = time.perf_counter()

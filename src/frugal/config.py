@@ -100,6 +100,9 @@ class Recipe:
     # (llama.cpp's per-tensor choice) instead of `weights`; the output can then only be GGUF.
     gguf_type: str = ""
     overrides: tuple[LayerOverride, ...] = ()  # first match wins; layers matching none use `weights`
+    # A layer whose width the group size does not divide takes the largest group size that does (or one
+    # scale per channel), as an override recorded here (compression.plan.fit_groups); true: refuse instead.
+    strict_groups: bool = False
 
     def __post_init__(self) -> None:
         self.validate()

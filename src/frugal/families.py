@@ -8,7 +8,8 @@ A `FamilyRecord` holds the facts every stage reads, grouped in sub-records:
 - `rotation` (where the residual-stream rotation is fused) or `rotation_refused` (why it cannot be exact);
 - `onnx`: how the ONNX graph differs from Llama's;
 - `gguf`: the llama.cpp architecture, its conversions and what the format cannot take;
-- `roles`: module roles for the op-sensitivity analysis that type names do not reveal.
+- `roles`: module roles for the op-sensitivity analysis that type names do not reveal;
+- `blocks`: the decoder block list, where the generic rule (load.blocks.find_blocks) picks the wrong one.
 A sub-record left None means the stage does not support the family. Module paths inside a block are
 relative to the block. This module imports nothing from frugal (nor torch), so anything may import it.
 """
@@ -96,6 +97,7 @@ class FamilyRecord:
     onnx: OnnxGraph | None = None
     gguf: GGUFArch | None = None
     roles: tuple[tuple[str, tuple[str, ...]], ...] = ()  # op-sensitivity role -> module names in a block
+    blocks: str = ""  # the decoder block list's module path, where load.blocks' generic rule picks wrong
 
 
 # -- the records ---------------------------------------------------------------------------------
@@ -142,6 +144,13 @@ _RECORDS = (
                                   "residual stream",
                  roles=(("mlp_linear", ("fc1", "fc2")), ("mlp_act", ("activation_fn",)))),
 )
+# MoE families with Llama's attention: AWQ scales the attention only (the MoE input also feeds the float
+# router, which a folded norm scale would change).
+_MOE_ATTN = AWQLayout((_ATTN, _VO))
+_MOE_ROTATION = ("the residual rotation would have to be fused into every expert and the float router; "
+                 "not laid out for MoE yet")
+_RECORDS += tuple(FamilyRecord(mt, awq=_MOE_ATTN, rotation_refused=_MOE_ROTATION)
+                  for mt in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe"))
 FAMILIES: dict[str, FamilyRecord] = {r.model_type: r for r in _RECORDS}
 
 

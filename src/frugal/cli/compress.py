@@ -68,6 +68,7 @@ def recipe_from_args(a: argparse.Namespace):
     symmetric = True if a.sym else False if a.asym else None
     awq = False if a.no_awq else True if a.awq_no_clip else a.awq
     sets = {("method",): a.method, ("weights", "bits"): a.bits, ("weights", "group_size"): a.group_size,
+            ("strict_groups",): getattr(a, "strict_groups", None),
             ("weights", "symmetric"): symmetric, ("weights", "scale_dtype"): a.scale_dtype, ("clip", "enabled"): a.mse_clip,
             ("gptq", "act_order"): False if a.no_act_order else None, ("gptq", "dampening"): a.damp,
             ("calibration", "num_samples"): a.samples, ("calibration", "seq_len"): a.calib_len, ("seed",): a.seed,

@@ -43,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--method", choices=methods.names(), help=methods.help_text())
     c.add_argument("--bits", type=int)
     c.add_argument("--group-size", type=int, help="32, 64, 128, or -1 for one scale per output channel")
+    c.add_argument("--strict-groups", action="store_true", default=None, help="refuse a group size that does not "
+                   "divide some layer's width (default: such a layer takes the largest that does, or per channel)")
     sym = c.add_mutually_exclusive_group()
     sym.add_argument("--asym", action="store_true", default=None, help="asymmetric grid (with zero points)")
     sym.add_argument("--sym", action="store_true", default=None, help="symmetric grid (the signed extreme on the "

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from frugal.compression import transforms
 from frugal.config import Recipe
 from frugal.errors import FrugalError
 from frugal.load.blocks import check_group_fit, quantizable_linears
+
+log = logging.getLogger(__name__)
 
 
 def context_length(model: Any) -> int | None:
@@ -24,6 +27,34 @@ def check_sequence_length(model: Any, seq_len: int, option: str) -> None:
     if n is not None and seq_len > n:
         raise FrugalError(f"{option} {seq_len}: longer than the model's context of {n} tokens "
                           f"(max_position_embeddings)")
+
+
+def fit_groups(model: Any, recipe: Recipe) -> Recipe:
+    """`recipe` with an override per layer whose input width its group size does not divide: the largest
+    supported group size that does, else one scale per output channel (logged; recorded in the recipe and
+    so in frugal.json). Unchanged with recipe.strict_groups (check_plan then refuses) or a GGUF target."""
+    import dataclasses
+
+    from frugal.config import LayerOverride
+    from frugal.quant.options import SUPPORTED_GROUPS
+
+    if recipe.strict_groups or recipe.gguf_type:
+        return recipe
+    extra = []
+    for name, lin in quantizable_linears(model, recipe.ignore).items():
+        scheme = recipe.scheme_for(name)
+        if scheme.group_size == -1 or lin.in_features % scheme.group_size == 0:
+            continue
+        fits = [g for g in SUPPORTED_GROUPS if 0 < g < scheme.group_size and lin.in_features % g == 0]
+        group = max(fits, default=-1)
+        extra.append(LayerOverride(match=name, weights=dataclasses.replace(scheme, group_size=group)))
+    if not extra:
+        return recipe
+    shown = ", ".join(f"{o.match} ({o.weights.group_size})" for o in extra[:4])
+    log.warning("%d layers are narrower than or not a multiple of their group size and take another "
+                "(-1: per channel): %s%s (recipe.strict_groups refuses instead)", len(extra), shown,
+                f" and {len(extra) - 4} more" if len(extra) > 4 else "")
+    return dataclasses.replace(recipe, overrides=tuple(extra) + tuple(recipe.overrides))
 
 
 def check_plan(model: Any, recipe: Recipe, formats: tuple[str, ...] = (), calibration: Any = None) -> None:

@@ -36,7 +36,7 @@ from frugal.compression import methods, timing, transforms
 from frugal.compression.transforms import Place
 from frugal.compression.engine import quantize_block, quantize_outside
 from frugal.compression.hooks import Stop, recording_calls, split_hidden
-from frugal.compression.plan import check_plan
+from frugal.compression.plan import check_plan, fit_groups
 from frugal.compression.preflight import available_ram_bytes, estimate, read_header
 from frugal.compression.result import CompressionReport, layer_reports
 from frugal.compression.workdir import (MANIFEST, SlotFile, SlotWriter, fingerprint, fsync_dir, locked, open_work,
@@ -360,6 +360,7 @@ def compress_streaming(model: Any = None, recipe: Any = None, out: str | Path = 
         raise FrugalError(f"--stream: {directory} is a MoE model ({moe_layers(skeleton)[0]}); streaming does not "
                           f"take experts yet: compress it in memory (without --stream)")
     blocks_name, blocks = find_blocks(skeleton)
+    recipe = fit_groups(skeleton, recipe)
     check_plan(skeleton, recipe, ("compressed-tensors",), calibration)
     tokenizer = load_tokenizer(directory)
     torch.manual_seed(recipe.seed)

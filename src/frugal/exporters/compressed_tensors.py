@@ -114,6 +114,35 @@ def write(compressed: Any, directory: Any) -> None:
     (directory / "frugal.json").write_text(report)
 
 
+def check(model: torch.nn.Module, recipe: Any) -> None:
+    """Refuse asymmetric grids on MoE experts that would be written packed: transformers 5's loader merges
+    per-expert packed weights without their zero points (its CompressedTensorsDequantize builds each expert
+    from weight_packed, weight_scale and weight_shape only), so plain from_pretrained fails on them."""
+    from frugal.errors import FrugalError
+    from frugal.load.experts import expert_groups, layout
+
+    for g, ex in expert_groups(model).items():
+        name = f"{g}.0.{ex.in_proj}"
+        if recipe.gguf_type or recipe.scheme_for(name).symmetric or is_ignored_layer(name, recipe):
+            continue
+        if all(p.single_expert is not None for p in layout(model, g, ex.in_proj)):
+            raise FrugalError(f"{g}: asymmetric grids on MoE experts do not load in transformers "
+                              f"{_transformers_version()} (its per-expert dequantize has no zero points); "
+                              f"use a symmetric grid (--sym)")
+
+
+def is_ignored_layer(name: str, recipe: Any) -> bool:
+    from frugal.load.blocks import is_ignored
+
+    return is_ignored(name, recipe.ignore)
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
 def _bits(recipe: Any) -> set[int]:
     return {recipe.weights.bits, *(o.weights.bits for o in recipe.overrides)}
 

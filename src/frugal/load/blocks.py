@@ -1,7 +1,8 @@
 """Finding the decoder blocks and their linear layers, generically (no per-model scripts, no tracing).
 
-The block list is the longest `nn.ModuleList` whose children share one class and hold linear layers
-(`model.layers` in Llama/Qwen/Gemma/Phi, `model.decoder.layers` in OPT, `transformer.h` in GPT-2).
+The block list is the `nn.ModuleList` with the most parameters whose children all hold linear layers
+(`model.layers` in Llama/Qwen/Gemma/Phi, `model.decoder.layers` in OPT, `transformer.h` in GPT-2; mixed
+attention/recurrent layers in hybrid stacks), or the family record's `blocks` where that rule is wrong.
 """
 
 from __future__ import annotations
@@ -15,15 +16,24 @@ from frugal.errors import FrugalError
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """Name and module of the decoder block list."""
+    """Name and module of the decoder block list: the family record's `blocks` path where it has one, else
+    the `nn.ModuleList` with the most parameters whose every child holds linear layers (children may be of
+    different classes: hybrid stacks of attention and recurrent layers)."""
+    from frugal.families import family
+
+    record = family(getattr(getattr(model, "config", None), "model_type", None))
+    if record is not None and record.blocks:
+        return record.blocks, model.get_submodule(record.blocks)
     best: tuple[str, nn.ModuleList] | None = None
+    best_key = (0, 0)
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
             continue
-        if len({type(b) for b in mod}) != 1 or not any(isinstance(m, nn.Linear) for m in mod[0].modules()):
+        if not all(any(isinstance(m, nn.Linear) for m in b.modules()) for b in mod):
             continue
-        if best is None or len(mod) > len(best[1]):
-            best = (name, mod)
+        key = (sum(p.numel() for p in mod.parameters()), len(mod))
+        if key > best_key:
+            best, best_key = (name, mod), key
     if best is None:
         raise FrugalError(f"{type(model).__name__}: no list of decoder blocks with linear layers found")
     return best
@@ -46,12 +56,18 @@ def block_linears(block: nn.Module, prefix: str, ignore: tuple[str, ...]) -> dic
     }
 
 
+HEAD = "lm_head"  # what `ignore` calls the output head, whatever the family names it
+
+
 def outside_linears(model: nn.Module, blocks_name: str, ignore: tuple[str, ...]) -> dict[str, nn.Linear]:
-    """Linear layers outside the block list (e.g. lm_head) that the recipe does not ignore."""
+    """Linear layers outside the block list (e.g. lm_head) that the recipe does not ignore; the output head
+    (get_output_embeddings: biogpt's `output_projection`, rwkv's `head`, ...) also matches `lm_head`."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return {
         n: m
         for n, m in model.named_modules()
         if isinstance(m, nn.Linear) and not n.startswith(blocks_name + ".") and not is_ignored(n, ignore)
+        and not (m is head and is_ignored(HEAD, ignore))
     }
 
 
@@ -75,5 +91,5 @@ def check_group_fit(layers: dict[str, nn.Linear], scheme: WeightScheme) -> None:
             fits_txt = ", ".join(str(g) for g in fits) + (", " if fits else "") + "-1 (per channel)"
             raise FrugalError(
                 f"{name}: in_features {lin.in_features} is not a multiple of group size "
-                f"{scheme.group_size}; group sizes that fit every layer: {fits_txt}"
+                f"{scheme.group_size} (recipe.strict_groups); group sizes that fit every layer: {fits_txt}"
             )

@@ -224,8 +224,8 @@ def _from_packed_compressed(directory: Path, dtype: Any) -> Any:
             raise FrugalError(f"{directory}: the checkpoint lacks {e.args[0]}, which the architecture needs") from None
     missing, unexpected = model.load_state_dict(state, strict=False)
     head, emb = model.get_output_embeddings(), model.get_input_embeddings()
-    tied = head is not None and head.weight is emb.weight
-    missing = [k for k in missing if not (tied and k.endswith("lm_head.weight"))]
+    tied = {f"{n}.weight" for n, m in model.named_modules() if head is not None and m is head and head.weight is emb.weight}
+    missing = [k for k in missing if k not in tied]  # a tied head (lm_head, biogpt's output_projection, ...)
     if missing:
         raise FrugalError(f"{directory}: the checkpoint lacks {missing[0]}, which the architecture needs")
     if unexpected:

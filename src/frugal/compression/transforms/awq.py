@@ -157,7 +157,8 @@ def apply_awq(block: nn.Module, prefix: str, recipe: Recipe, hidden: Sequence[to
             searches[pair.prev] = res
     if opts.clip:
         for n in sorted(quantized - set(record.awq.no_clip)):
-            _clip_layer(f"{prefix}.{n}", block.get_submodule(n), stats[n], recipe)
+            if n in stats:  # a MoE expert no calibration token was routed to has nothing to search on
+                _clip_layer(f"{prefix}.{n}", block.get_submodule(n), stats[n], recipe)
     return searches
 
 

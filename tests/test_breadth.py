@@ -1,0 +1,156 @@
+"""Breadth over the field's decoders: every causal-LM family transformers builds is enumerated (so a new
+release shows what broke), hybrid stacks, heads not named lm_head, the family table's block override."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import CALIB_TEXT, REPO, TOKENIZER
+
+import frugal
+from frugal.errors import FrugalError
+
+sys.path.insert(0, str(REPO / "bench"))
+from zoo import causal_families, tiny_config  # noqa: E402
+
+# Families whose decoder frugal cannot take yet, each with the one line it refuses with (issue 16 item 2:
+# GPT-2-style Conv1D layers store the weight transposed).
+REFUSED = {"gpt2": "no list of decoder blocks", "gpt-sw3": "no list of decoder blocks",
+           "openai-gpt": "no list of decoder blocks"}
+
+
+@pytest.mark.slow
+def test_every_causal_family_finds_blocks_and_unfuses_experts():
+    """On the meta device (no weights): every family whose tiny config builds has a decoder block list
+    with linear layers to quantize and no fused experts left, or refuses with its one line."""
+    import transformers
+
+    from frugal.load.blocks import find_blocks, quantizable_linears
+    from frugal.load.experts import ExpertLinears, is_fused_experts, unfuse_experts
+
+    transformers.logging.set_verbosity_error()
+    built, refused, moe = 0, {}, 0
+    for mt in causal_families():
+        try:
+            with torch.device("meta"):
+                model = transformers.AutoModelForCausalLM.from_config(tiny_config(mt))
+        except Exception:
+            continue  # the shrunk config is invalid for this family (bench/families.py lists them)
+        built += 1
+        unfuse_experts(model)
+        assert not any(is_fused_experts(m) for m in model.modules()), mt
+        try:
+            name, blocks = find_blocks(model)
+            layers = quantizable_linears(model, ("lm_head",))
+        except FrugalError as e:
+            refused[mt] = str(e)
+            continue
+        assert any(n.startswith(name + ".") for n in layers), mt
+        experts = [m for m in model.modules() if isinstance(m, ExpertLinears)]
+        if experts:
+            moe += 1
+            ex = experts[0]
+            assert getattr(ex.expert(ex.num_experts - 1), ex.in_proj) in layers.values(), mt
+    for mt, msg in refused.items():
+        assert mt in REFUSED and REFUSED[mt] in msg, (mt, msg)
+    assert built >= 150 and len(refused) <= len(REFUSED) and moe >= 40, (built, refused, moe)
+
+
+def _tiny(config_cls: str, dest: Path, **kw) -> Path:
+    import transformers
+
+    if not TOKENIZER.is_dir():
+        pytest.skip(f"{TOKENIZER}: shared tokenizer missing")
+    torch.manual_seed(0)
+    cfg = getattr(transformers, config_cls)(vocab_size=512, bos_token_id=1, eos_token_id=2, pad_token_id=0, **kw)
+    transformers.AutoModelForCausalLM.from_config(cfg).eval().save_pretrained(dest)
+    transformers.AutoTokenizer.from_pretrained(TOKENIZER).save_pretrained(dest)
+    return dest
+
+
+def _kl_to_reload(c, out: Path) -> float:
+    import transformers
+
+    ids = torch.randint(3, 512, (2, 32), generator=torch.Generator().manual_seed(0))
+    plain = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    with torch.no_grad():
+        p = torch.log_softmax(c.model(ids, use_cache=False).logits, -1)
+        q = torch.log_softmax(plain(ids, use_cache=False).logits, -1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+RECIPE = {"method": "gptq", "weights": {"bits": 4, "group_size": 32}, "calibration": {"num_samples": 4, "seq_len": 64},
+          "storage": {"dtype": "float32"}, "seed": 0}
+
+
+def test_head_by_role(tmp_path):
+    """`ignore: [lm_head]` keeps the output head float whatever the family calls it (biogpt:
+    `output_projection`, tied to the embedding); frugal's reader re-ties it."""
+    from frugal.load.model import load_model
+
+    src = _tiny("BioGptConfig", tmp_path / "src", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                intermediate_size=128, max_position_embeddings=256)
+    c = frugal.compress(src, RECIPE, CALIB_TEXT)
+    assert "output_projection" not in c.quantized and any("fc1" in n for n in c.quantized)
+    c.save(tmp_path / "out")
+    assert _kl_to_reload(c, tmp_path / "out") < 1e-3
+    own = load_model(tmp_path / "out").model
+    assert all(torch.equal(own.state_dict()[k], v) for k, v in c.model.state_dict().items())
+    ignored_all = frugal.compress(src, {**RECIPE, "ignore": []}, CALIB_TEXT)
+    assert "output_projection" in ignored_all.quantized  # the head is quantized when the recipe says so
+
+
+def test_hybrid_stack_of_two_layer_classes(tmp_path):
+    """olmo_hybrid mixes linear-attention and attention layers in one list: found, every block's linears
+    quantized with GPTQ, plain transformers reloads it."""
+    import transformers
+
+    from frugal.load.blocks import find_blocks
+
+    cfg = tiny_config("olmo_hybrid")
+    if not TOKENIZER.is_dir():
+        pytest.skip(f"{TOKENIZER}: shared tokenizer missing")
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    name, blocks = find_blocks(model)
+    assert name == "model.layers" and len({type(b) for b in blocks}) == 2
+    model.save_pretrained(tmp_path / "src")
+    transformers.AutoTokenizer.from_pretrained(TOKENIZER).save_pretrained(tmp_path / "src")
+    c = frugal.compress(tmp_path / "src", RECIPE, CALIB_TEXT)
+    linears = [n for n, m in c.model.named_modules() if isinstance(m, nn.Linear) and n.startswith("model.layers.")]
+    assert linears and all(n in c.quantized for n in linears)
+    assert all(c.report.layers[n].gptq_loss is not None for n in linears)  # every one saw calibration inputs
+    c.save(tmp_path / "out")
+    assert _kl_to_reload(c, tmp_path / "out") < 1e-3
+
+
+def test_family_record_names_the_blocks(monkeypatch):
+    """A family record's `blocks` overrides the generic rule."""
+    import dataclasses
+
+    import transformers
+
+    from frugal import families
+    from frugal.load.blocks import find_blocks
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=2)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(cfg)
+    model.model.extra = nn.ModuleList([nn.Sequential(nn.Linear(4, 4)) for _ in range(3)])
+    assert find_blocks(model)[0] == "model.layers"  # most parameters, not the longest list
+    record = dataclasses.replace(families.FAMILIES["llama"], blocks="model.extra")
+    monkeypatch.setitem(families.FAMILIES, "llama", record)
+    assert find_blocks(model)[0] == "model.extra"
+
+
+def test_narrow_layers_with_strict_groups_refuse(tiny_model_dir, caplog):
+    with pytest.raises(FrugalError, match=r"in_features 96 is not a multiple of group size 64 \(recipe.strict_groups\)"):
+        frugal.compress(tiny_model_dir("llama", intermediate_size=96),
+                        {"method": "rtn", "weights": {"group_size": 64}, "strict_groups": True})
