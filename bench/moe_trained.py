@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from common import publish  # noqa: E402
 
 WORK = ROOT / "bench" / ".work" / "moe-trained"
+CONFIGS = [(4, True), (4, False), (3, True)]  # (bits, symmetric), each with RTN and GPTQ
 CONFIG = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
               num_key_value_heads=2, head_dim=32, num_local_experts=8, num_experts_per_tok=2,
               max_position_embeddings=1024, bos_token_id=1, eos_token_id=2, pad_token_id=0,
@@ -106,9 +107,9 @@ def main() -> None:
     protocol = Protocol(text=str(shared_dir() / "data/wikitext-2-raw/wiki.test.lf.raw"), seq_len=512,
                         max_tokens=512 * a.windows)
     models, meta = {}, {}
-    for method, sym in (("rtn", True), ("gptq", True), ("rtn", False), ("gptq", False)):
-        name = f"{method} W4 g64 {'sym' if sym else 'asym'}"
-        recipe = {"method": method, "weights": {"bits": 4, "group_size": 64, "symmetric": sym},
+    for bits, sym, method in [(b, s, m) for b, s in CONFIGS for m in ("rtn", "gptq")]:
+        name = f"{method} W{bits} g64 {'sym' if sym else 'asym'}"
+        recipe = {"method": method, "weights": {"bits": bits, "group_size": 64, "symmetric": sym},
                   "calibration": {"num_samples": 32, "seq_len": 512}, "seed": 0}
         t1 = time.perf_counter()
         res = frugal.compress(loaded.model, recipe, calib, tokenizer=loaded.tokenizer)
@@ -133,15 +134,19 @@ def main() -> None:
                "routed share per expert"]
     md = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)] + ["| " + " | ".join(r) + " |" for r in rows]
     info = json.loads((src / "train.json").read_text())
-    ratio = {s: gap[f"gptq W4 g64 {s}"] / gap[f"rtn W4 g64 {s}"] for s in ("sym", "asym")}
+    kl = {r.name: r.kl for r in results}
+    ratios = "; ".join(
+        f"W{b} {'sym' if s else 'asym'}: ppl gap {gap[f'gptq W{b} g64 ' + ('sym' if s else 'asym')] / gap[f'rtn W{b} g64 ' + ('sym' if s else 'asym')]:.2f}, "
+        f"KL {kl[f'gptq W{b} g64 ' + ('sym' if s else 'asym')] / kl[f'rtn W{b} g64 ' + ('sym' if s else 'asym')]:.2f}"
+        for b, s in CONFIGS)
     body = (f"Tiny Mixtral (4 layers, hidden 128, 8 experts of 256, top-2, {sum(p.numel() for p in loaded.model.parameters()) / 1e6:.1f}M "
             f"parameters) trained {info['steps']} steps ({info['tokens'] / 1e6:.1f}M tokens of wikitext-2 valid.txt, final "
             f"loss {info['final_loss']:.2f}{f', {train_s / 60:.0f} min' if train_s > 60 else ''}); calibration 32 x 512 "
             f"tokens of valid.txt; evaluation {ref.tokens} tokens of wikitext-2-raw test. Each expert's GPTQ Hessian comes "
             f"from the tokens routed to it (`own`), or is pooled over the layer's experts when it saw fewer tokens than its "
-            f"input width (`pooled`, see docs/design.md). GPTQ gap / RTN gap: {ratio['sym']:.2f} symmetric, "
-            f"{ratio['asym']:.2f} asymmetric (dense default model, section gptq-vs-rtn: 30.1 % / 41.3 % = 0.73 "
-            f"symmetric). Compress seconds are wall time on a shared CPU.\n\n" + "\n".join(md) + "\n")
+            f"input width (`pooled`, see docs/design.md). GPTQ / RTN ratios (ppl gap; KL): {ratios}. Dense "
+            f"reference (default model, section gptq-vs-rtn, W4 g64 sym): ppl gap 30.1 % / 41.3 % = 0.73, KL "
+            f"0.2671 / 0.4356 = 0.61. Compress seconds are wall time on a shared CPU.\n\n" + "\n".join(md) + "\n")
     (ROOT / "bench" / "results").mkdir(exist_ok=True)
     (ROOT / "bench" / "results" / "moe_trained.json").write_text(json.dumps(
         {"train": info, "results": [r.to_dict() | meta.get(r.name, {}) for r in results]}, indent=2) + "\n")

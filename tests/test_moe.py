@@ -28,7 +28,8 @@ MOE_FAMILIES = {
     "mixtral": ("MixtralConfig", dict(intermediate_size=64, num_local_experts=8)),
     "qwen2_moe": ("Qwen2MoeConfig", dict(intermediate_size=128, moe_intermediate_size=64, num_experts=8,
                                          shared_expert_intermediate_size=64, layer_types=["full_attention"] * 2)),
-    "qwen3_moe": ("Qwen3MoeConfig", dict(intermediate_size=128, moe_intermediate_size=64, num_experts=8)),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(intermediate_size=128, moe_intermediate_size=64, num_experts=8,
+                                         norm_topk_prob=True)),  # as Qwen3-30B-A3B (and llama.cpp) do
     "olmoe": ("OlmoeConfig", dict(intermediate_size=64, num_experts=8)),
     "gpt_oss": ("GptOssConfig", dict(intermediate_size=64, num_local_experts=8,
                                      layer_types=["sliding_attention", "full_attention"], sliding_window=16)),
@@ -232,9 +233,11 @@ def test_refusals(runs, tmp_path):
     src, out, res = runs["qwen3_moe"]
     with pytest.raises(FrugalError, match=r"--stream: .* MoE model"):
         frugal.compress(src, RECIPE, CALIB_TEXT, stream=True, out=tmp_path / "s")
-    with pytest.raises(FrugalError, match=r"--format gguf: MoE experts .* compressed-tensors"):
-        res.save(tmp_path / "g", fmt="gguf")
-    assert not (tmp_path / "s").exists() and not (tmp_path / "g").exists()
+    with pytest.raises(FrugalError, match=r"--format onnx: MoE experts .* compressed-tensors, gguf only"):
+        res.save(tmp_path / "g", fmt="onnx")
+    with pytest.raises(FrugalError, match=r"--format gguf: architecture 'gpt_oss' is not supported"):
+        runs["gpt_oss"][2].save(tmp_path / "h", fmt="gguf")
+    assert not (tmp_path / "s").exists() and not (tmp_path / "g").exists() and not (tmp_path / "h").exists()
 
 
 def test_asymmetric_experts_refused_before_work(runs, tmp_path):
@@ -268,3 +271,64 @@ def test_recommended_recipe_on_moe(tmp_path):
     c.save(tmp_path / "out")
     plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
     assert _kl(_log_probs(c.model, IDS), _log_probs(plain, IDS)) < RELOAD_KL
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+def test_gguf_expert_tensors_bit_exact(tmp_path, family):
+    """GGUF: each layer's experts stacked into llama.cpp's ffn_{gate,up,down}_exps (Q4_0 from the symmetric
+    grid with float16 scales: exact), the router float32, the expert counts in the header."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    src = build_moe(family, tmp_path / "src")
+    recipe = {"method": "gptq", "weights": {"bits": 4, "group_size": 32}, "calibration": {"num_samples": 4, "seq_len": 64},
+              "storage": {"dtype": "float32", "scale_dtype": "float16"}, "seed": 0}
+    c = frugal.compress(src, recipe, CALIB_TEXT)
+    c.save(tmp_path / "g", fmt="gguf")
+    reader = GGUFReader(tmp_path / "g" / "model.gguf")
+    t = {x.name: x for x in reader.tensors}
+    ex = expert_groups(c.model)
+    group = next(g for g in ex if ".layers.1." in g)
+    experts = ex[group]
+    for e in (0, experts.num_experts - 1):
+        gate_up = getattr(experts.expert(e), "gate_up_proj").weight
+        inter = gate_up.shape[0] // 2
+        for kind, want in (("gate", gate_up[:inter]), ("up", gate_up[inter:]), ("down", experts.expert(e).down_proj.weight)):
+            tensor = t[f"blk.1.ffn_{kind}_exps.weight"]
+            assert tensor.tensor_type.name == "Q4_0"
+            got = torch.from_numpy(dequantize(tensor.data, tensor.tensor_type).copy())  # (experts, out, in)
+            assert torch.equal(got[e], want), (kind, e)
+    assert t["blk.1.ffn_gate_inp.weight"].tensor_type.name == "F32"
+    arch = reader.fields["general.architecture"].contents()
+    assert reader.fields[f"{arch}.expert_count"].contents() == experts.num_experts
+    assert reader.fields[f"{arch}.expert_used_count"].contents() == 2
+    if family == "qwen2_moe":
+        assert "blk.1.ffn_down_shexp.weight" in t and "blk.1.ffn_gate_inp_shexp.weight" in t
+
+
+def test_gguf_refuses_routing_llama_cpp_does_not_compute(tmp_path):
+    """llama.cpp's qwen3moe graph always renormalises the top-k weights: a config that does not is refused."""
+    import transformers
+
+    cls, kw = MOE_FAMILIES["qwen3_moe"]
+    model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls)(**{**_MOE, **kw, "norm_topk_prob": False}))
+    with pytest.raises(FrugalError, match="norm_topk_prob=False: llama.cpp's qwen3moe graph always uses True"):
+        frugal.compress(model, {"method": "rtn", "weights": {"group_size": 32}}, formats=("gguf",))
+
+
+def test_export_compressed_moe_to_gguf(runs, tmp_path):
+    """`frugal export` of a MoE compressed-tensors directory: the per-expert integer weights come back under
+    frugal's names (the same QuantizedWeights), and the GGUF holds them stacked."""
+    from frugal.exporters.reload import load_compressed
+
+    _, out, res = runs["mixtral"]
+    back = load_compressed(out)
+    assert set(back.quantized) == set(res.quantized)
+    for name, qw in res.quantized.items():
+        got = back.quantized[name]
+        assert torch.equal(got.q, qw.q) and torch.equal(got.scale, qw.scale), name
+    frugal.export(out, "gguf", tmp_path / "g")
+    from gguf import GGUFReader
+
+    names = {t.name for t in GGUFReader(tmp_path / "g" / "model.gguf").tensors}
+    assert "blk.0.ffn_gate_exps.weight" in names and "blk.1.ffn_down_exps.weight" in names

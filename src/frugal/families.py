@@ -84,6 +84,9 @@ class GGUFArch:
     rope_types: tuple[str, ...] = ("default",)  # rope scaling types llama.cpp reproduces
     # llama.cpp derives the attention scale from head_dim: the config's query_pre_attn_scalar must equal it
     scale_from_head_dim: bool = False
+    # MoE: whether llama.cpp's graph for this architecture renormalises the top-k routing weights (it is
+    # fixed per architecture: the config's norm_topk_prob must agree); None: experts are not written
+    moe_norm_topk: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -149,8 +152,12 @@ _RECORDS = (
 _MOE_ATTN = AWQLayout((_ATTN, _VO))
 _MOE_ROTATION = ("the residual rotation would have to be fused into every expert and the float router; "
                  "not laid out for MoE yet")
-_RECORDS += tuple(FamilyRecord(mt, awq=_MOE_ATTN, rotation_refused=_MOE_ROTATION)
-                  for mt in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe"))
+_MOE_GGUF = {"mixtral": GGUFArch("llama", permute_qk=True, moe_norm_topk=True),  # llama.cpp: llama with experts
+             "qwen2_moe": GGUFArch("qwen2moe", tokenizer_pre="qwen2", moe_norm_topk=False),
+             "qwen3_moe": GGUFArch("qwen3moe", tokenizer_pre="qwen2", moe_norm_topk=True),
+             "olmoe": GGUFArch("olmoe", tokenizer_pre="olmo", moe_norm_topk=False)}
+_RECORDS += tuple(FamilyRecord(mt, awq=_MOE_ATTN, rotation_refused=_MOE_ROTATION, gguf=arch)
+                  for mt, arch in _MOE_GGUF.items())
 FAMILIES: dict[str, FamilyRecord] = {r.model_type: r for r in _RECORDS}
 
 

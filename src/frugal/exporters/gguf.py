@@ -28,6 +28,7 @@ from frugal.quant.grid import QuantizedWeight
 log = logging.getLogger(__name__)
 
 HOLDS_GGML = True  # recipe.gguf_type targets are written as GGUF
+HOLDS_EXPERTS = True  # MoE experts stacked into llama.cpp's ffn_*_exps tensors (where the arch has them)
 
 FILE_NAME = "model.gguf"
 
@@ -59,12 +60,72 @@ def check(model, recipe) -> None:
     if arch.scale_from_head_dim and cfg.query_pre_attn_scalar != head_dim:
         raise FrugalError(f"--format gguf: gemma3 query_pre_attn_scalar={cfg.query_pre_attn_scalar} differs from "
                           f"head_dim={head_dim}; llama.cpp derives the attention scale from head_dim")
+    _check_experts(model, cfg, arch)
     if not recipe.gguf_type:
         from frugal.load.blocks import quantizable_linears
 
         for name, lin in quantizable_linears(model, recipe.ignore).items():
             if lin.in_features % 32:
                 raise FrugalError(f"--format gguf: {name} has {lin.in_features} inputs; GGML blocks need a multiple of 32")
+
+
+def _check_experts(model, cfg, arch) -> None:
+    """MoE: the architecture must have llama.cpp expert tensors, the routing normalisation llama.cpp's graph
+    hard-codes, and a per-expert checkpoint layout (which gives the gate and up rows of `gate_up_proj`)."""
+    from frugal.exporters import moe_layers
+    from frugal.load.experts import expert_groups, layout, unfuse_experts
+
+    if not moe_layers(model):
+        return
+    if arch.moe_norm_topk is None:
+        raise FrugalError(f"--format gguf: MoE experts of {cfg.model_type} are not written to GGUF yet")
+    norm = getattr(cfg, "norm_topk_prob", arch.moe_norm_topk)
+    if bool(norm) != arch.moe_norm_topk:
+        raise FrugalError(f"--format gguf: {cfg.model_type} with norm_topk_prob={norm}: llama.cpp's {arch.arch} "
+                          f"graph always uses {arch.moe_norm_topk}")
+    unfuse_experts(model)
+    for g, ex in expert_groups(model).items():
+        if ex.has_bias or not all(p.single_expert is not None for p in layout(model, g, ex.in_proj)):
+            raise FrugalError(f"--format gguf: {g}: experts with biases or a fused checkpoint layout are not "
+                              f"written to GGUF yet")
+
+
+def _expert_tensors(model, quantized: dict, fam: FamilyRecord, cfg, names, float_type: str) -> list:
+    """(GGUF name, data, raw type, record) of every stacked expert tensor: the per-expert checkpoint tensors
+    (gate, up, down) of each layer stacked in expert order, (experts, out, in) -> blk.N.ffn_*_exps."""
+    import gguf
+
+    from frugal.load.experts import _gather, _rows, expert_groups, layout
+
+    out = []
+    for g, ex in expert_groups(model).items():
+        for proj in (ex.in_proj, "down_proj"):
+            stacks: dict[str, list] = {}
+            for part in layout(model, g, proj):
+                e = part.single_expert
+                head, _, tail = part.name.rpartition(f".{e}.")  # the expert index is the last such field
+                merged = f"{head}.{tail}".removesuffix(".weight")  # experts.3.w1 -> experts.w1
+                frugal_name = f"{g}.{e}.{proj}"
+                lin = getattr(ex.expert(e), proj)
+                qw = quantized.get(frugal_name)
+                stacks.setdefault(merged, []).append(_rows(qw, part.row) if qw is not None else
+                                                     _gather(part, lambda _e: lin.weight.detach()))
+            for merged, items in stacks.items():
+                name = names.get_name(merged)
+                if name is None:
+                    raise FrugalError(f"--format gguf: no GGUF name for the experts {merged}")
+                name += ".weight"
+                if isinstance(items[0], torch.Tensor):
+                    t = torch.stack([x.float() for x in items])  # (experts, out, in)
+                    data = t.to(torch.float16) if float_type == "F16" else t
+                    out.append((name, data.numpy(), None, {"type": float_type, **_rel(data, t)}))
+                    continue
+                gws = [_as_ggml(qw) for qw in items]
+                record = {"type": gws[0].type, **_rel(torch.stack([gw.dequantize() for gw in gws]),
+                                                       torch.stack([qw.dequantize() for qw in items]))}
+                data = np.stack([pack(gw) for gw in gws])  # (experts, out, bytes per row)
+                out.append((name, data, getattr(gguf.GGMLQuantizationType, gws[0].type), record))
+    return out
 
 
 # -- integer grids onto GGML types -----------------------------------------------------------------
@@ -144,10 +205,18 @@ def _tensors(model, quantized: dict, fam: FamilyRecord, cfg,
 
     from frugal.exporters.hf import dedupe_tied
 
+    from frugal.load.experts import expert_groups, is_expert_layer
+
     names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, fam.gguf.arch.upper()), cfg.num_hidden_layers)
-    out = []
+    groups = expert_groups(model)
+    out = _expert_tensors(model, quantized, fam, cfg, names, float_type) if groups else []
     for hf_name, t in dedupe_tied(dict(model.state_dict())).items():
+        if groups and is_expert_layer(hf_name.rsplit(".", 1)[0], groups):
+            continue  # stacked above
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is not None and ".ffn_gate_inp" in name:  # routers stay float32, as llama.cpp's converter keeps them
+            out.append((name, t.detach().float().numpy(), None, {"type": "F32", "exact": True, "rel_error": 0.0}))
+            continue
         if name is None:
             raise FrugalError(f"--format gguf: no GGUF name for tensor {hf_name}")
         qw = quantized.get(hf_name.rsplit(".", 1)[0]) if hf_name.endswith(".weight") else None
@@ -181,6 +250,14 @@ def _add_hparams(w, cfg, arch: str) -> None:
     w.add_rope_freq_base(_rope_theta(cfg))
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_vocab_size(cfg.vocab_size)
+    n_experts = next((getattr(cfg, k) for k in ("num_local_experts", "num_experts") if getattr(cfg, k, None)), None)
+    if n_experts:
+        w.add_expert_count(n_experts)
+        w.add_expert_used_count(cfg.num_experts_per_tok)
+        if getattr(cfg, "moe_intermediate_size", None):
+            w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+        if getattr(cfg, "shared_expert_intermediate_size", None):
+            w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
     if arch == "gemma3":
         w.add_sliding_window(cfg.sliding_window)
         w.add_sliding_window_pattern([t == "sliding_attention" for t in cfg.layer_types])
@@ -252,8 +329,11 @@ def write_gguf(path: Path, model, tokenizer, quantized: dict, source: str = "", 
     """Write one GGUF file; float 2-D tensors as `float_type` (F16 or F32). Returns the per-tensor record."""
     import gguf
 
+    from frugal.load.experts import unfuse_experts
+
     cfg = _text_config(model)
     fam = arch_of(model)
+    unfuse_experts(model)  # MoE: per-expert tensors to stack (the same function; idempotent)
     tensors = sorted(_tensors(model, quantized, fam, cfg, float_type), key=_tensor_order)
     w = gguf.GGUFWriter(str(path), fam.gguf.arch)
     w.add_name(Path(source).stem or "model")

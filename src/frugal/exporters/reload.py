@@ -12,6 +12,7 @@ from frugal.compression.result import Compressed, CompressionReport, layer_repor
 from frugal.config import Recipe
 from frugal.errors import FrugalError
 from frugal.load.compressed import read_compressed_tensors
+from frugal.load.experts import expert_groups, quantized_from_checkpoint
 from frugal.load.model import load_model
 
 
@@ -27,6 +28,8 @@ def load_compressed(directory: str | Path) -> Compressed:
         raise FrugalError(f"{directory}: compressed onto GGML grids ({recipe.gguf_type}); it exists only as GGUF")
     loaded = load_model(directory)
     quantized = read_compressed_tensors(directory)
+    if expert_groups(loaded.model):  # MoE: the checkpoint's per-expert names back to frugal's
+        quantized = quantized_from_checkpoint(loaded.model, quantized)
     if not quantized:
         raise FrugalError(f"{directory}: no packed weights found (was it written with --format compressed-tensors?)")
     modules = dict(loaded.model.named_modules())

@@ -247,3 +247,33 @@ def from_checkpoint(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[st
                     _scatter(part, state.pop(part.name), into)
                 state.update({f"{g}.{e}.{proj}.{kind}": t for e, t in into.items()})
     return state
+
+
+def quantized_from_checkpoint(model: nn.Module, quantized: dict[str, Any]) -> dict[str, Any]:
+    """Quantized weights by checkpoint layer name (a frugal compressed-tensors directory) to frugal's expert
+    names in the unfused `model`: each expert's rows put together from its checkpoint tensors."""
+    groups = expert_groups(model)
+    out = {n: qw for n, qw in quantized.items()}
+    for g, ex in groups.items():
+        for proj in (ex.in_proj, "down_proj"):
+            parts = [p for p in layout(model, g, proj) if p.name.removesuffix(".weight") in out]
+            if not parts or not all(p.single_expert is not None for p in parts):
+                continue
+            rows = getattr(ex.expert(0), proj).out_features
+            by_expert: dict[int, list[Part]] = {}
+            for p in parts:
+                by_expert.setdefault(p.single_expert, []).append(p)
+            for e, mine in by_expert.items():
+                pieces = [(p.row, out.pop(p.name.removesuffix(".weight"))) for p in mine]
+                first = pieces[0][1]
+
+                def field(get):  # (rows, ...) of one field, each part's rows in place
+                    t = torch.empty((rows, *get(first).shape[1:]), dtype=get(first).dtype)
+                    for r, qw in pieces:
+                        t[r] = get(qw)
+                    return t
+
+                zp = None if first.zero_point is None else field(lambda q: q.zero_point)
+                out[f"{g}.{e}.{proj}"] = replace(first, q=field(lambda q: q.q), scale=field(lambda q: q.scale),
+                                                 zero_point=zp)
+    return out
