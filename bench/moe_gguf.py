@@ -1,6 +1,7 @@
 """The trained tiny Mixtral (bench/moe_trained.py) in llama.cpp: its float GGUF (F32) against transformers, and
 frugal's GPTQ W4 output exported to GGUF (the experts stacked into ffn_*_exps, Q4_0) against frugal's own
-evaluation of it, on the same windows.
+evaluation of it, on the same windows; and a tiny random model of each MoE architecture frugal writes
+(mixtral, qwen2_moe, qwen3_moe, olmoe) as F32 GGUF in llama.cpp against transformers.
 
     .venv/bin/python bench/moe_gguf.py     # needs bench/moe_trained.py's model; builds bench/.venvs/llama-cpp once
 
@@ -21,6 +22,41 @@ sys.path.insert(0, str(ROOT / "bench"))
 from common import publish  # noqa: E402
 
 WORK = ROOT / "bench" / ".work" / "moe-gguf"
+
+
+# Tiny random models of each MoE architecture frugal writes (bench/zoo.py sizes; qwen3_moe with the
+# renormalised routing llama.cpp's qwen3moe graph computes; olmoe without grouped-query attention, as OLMoE).
+PARITY = {"mixtral": {}, "qwen2_moe": {}, "qwen3_moe": {"norm_topk_prob": True}, "olmoe": {"num_key_value_heads": 4}}
+
+
+def parity(G, protocol, threads: int) -> list[list[str]]:
+    """Per MoE architecture: a tiny random model's F32 GGUF in llama.cpp against transformers, same windows."""
+    import numpy as np
+    import torch
+    import transformers
+    from gguf import GGUFReader
+
+    from frugal.evaluation.metrics import evaluate, windows
+    from frugal.exporters.gguf import write_gguf
+    from frugal.load.model import shared_dir
+    from zoo import tiny_config
+
+    tok = transformers.AutoTokenizer.from_pretrained(shared_dir() / "models" / "tokenizer-512")
+    wins, bos = windows(tok, protocol)
+    np.save(WORK / "parity-windows.npy", wins.numpy())
+    rows = []
+    for family, over in PARITY.items():
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(tiny_config(family, **over)).eval()
+        path = WORK / f"parity-{family}.gguf"
+        write_gguf(path, model, tok, {}, "", float_type="F32")
+        ours = evaluate({}, tok, protocol, ref=model, ref_name=family)[0].ppl
+        lc = G.runner("ppl", str(path), str(WORK / "parity-windows.npy"),
+                      *([] if bos is None else ["--bos", str(bos)]), threads=threads)["ppl"]
+        arch = GGUFReader(path).fields["general.architecture"].contents()
+        rows.append([f"{family} (tiny random, arch `{arch}`)", f"{ours:.4f}", f"{lc:.4f}", f"{100 * (lc / ours - 1):+.3f}%",
+                     f"{path.stat().st_size / 1e6:.1f} MB (F32)"])
+    return rows
 
 
 def main() -> None:
@@ -68,12 +104,14 @@ def main() -> None:
             ["GPTQ W4 g64 sym", f"{ours['gptq'].ppl:.4f}", f"{lc['gptq']['ppl']:.4f}",
              f"{100 * (lc['gptq']['ppl'] / ours['gptq'].ppl - 1):+.3f}%",
              f"{(WORK / 'gptq' / 'model.gguf').stat().st_size / 1e6:.1f} MB ({', '.join(types)})"]]
+    rows += parity(G, protocol, a.threads)
     headers = ["model", "frugal / transformers ppl", "llama.cpp ppl", "llama.cpp vs frugal", "GGUF"]
     md = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)] + ["| " + " | ".join(r) + " |" for r in rows]
     body = (f"The tiny Mixtral of section moe-trained ({a.steps} steps), {ours['float'].tokens} tokens of wikitext-2-raw "
             f"test in windows of 512, the same windows in both engines (llama-cpp-python {G.LLAMA_CPP.split('==')[1]}, "
             f"{a.threads} threads). llama.cpp runs the experts from frugal's `ffn_gate_exps`/`ffn_up_exps`/`ffn_down_exps` "
-            f"(arch `llama` with experts) and the router in F32.\n\n" + "\n".join(md) + "\n")
+            f"(arch `llama` with experts) and the router in F32. The tiny random rows check each architecture's "
+            f"tensor names, header and routing against llama.cpp's graph (random weights: perplexity near the vocabulary size).\n\n" + "\n".join(md) + "\n")
     (ROOT / "bench" / "results").mkdir(exist_ok=True)
     (ROOT / "bench" / "results" / "moe_gguf.json").write_text(json.dumps({"rows": rows, "llama_cpp": lc}, indent=2) + "\n")
     publish("moe-gguf", "MoE in llama.cpp: frugal's GGUF of the trained tiny Mixtral", "bench/moe_gguf.py", [], body)

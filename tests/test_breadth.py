@@ -154,3 +154,17 @@ def test_narrow_layers_with_strict_groups_refuse(tiny_model_dir, caplog):
     with pytest.raises(FrugalError, match=r"in_features 96 is not a multiple of group size 64 \(recipe.strict_groups\)"):
         frugal.compress(tiny_model_dir("llama", intermediate_size=96),
                         {"method": "rtn", "weights": {"group_size": 64}, "strict_groups": True})
+
+
+def test_linear_subclass_family_reloads(tmp_path):
+    """falcon's layers are a subclass of nn.Linear that its own _init_weights touches: frugal writes the
+    dequantize-at-load flag so plain from_pretrained works (the compressed route removes `.weight`)."""
+    import json
+
+    src = _tiny("FalconConfig", tmp_path / "src", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_kv_heads=4, new_decoder_architecture=False, multi_query=True)
+    c = frugal.compress(src, RECIPE, CALIB_TEXT)
+    assert any("dense_h_to_4h" in n for n in c.quantized)
+    c.save(tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]["dequantize"] is True
+    assert _kl_to_reload(c, tmp_path / "out") < 1e-3

@@ -30,7 +30,7 @@ MOE_FAMILIES = {
                                          shared_expert_intermediate_size=64, layer_types=["full_attention"] * 2)),
     "qwen3_moe": ("Qwen3MoeConfig", dict(intermediate_size=128, moe_intermediate_size=64, num_experts=8,
                                          norm_topk_prob=True)),  # as Qwen3-30B-A3B (and llama.cpp) do
-    "olmoe": ("OlmoeConfig", dict(intermediate_size=64, num_experts=8)),
+    "olmoe": ("OlmoeConfig", dict(intermediate_size=64, num_experts=8, num_key_value_heads=4)),  # no GQA, as OLMoE
     "gpt_oss": ("GptOssConfig", dict(intermediate_size=64, num_local_experts=8,
                                      layer_types=["sliding_attention", "full_attention"], sliding_window=16)),
 }
@@ -332,3 +332,13 @@ def test_export_compressed_moe_to_gguf(runs, tmp_path):
 
     names = {t.name for t in GGUFReader(tmp_path / "g" / "model.gguf").tensors}
     assert "blk.0.ffn_gate_exps.weight" in names and "blk.1.ffn_down_exps.weight" in names
+
+
+def test_gguf_refuses_olmoe_with_grouped_query_attention():
+    """llama.cpp's olmoe sizes attn_k_norm to the hidden width: GQA would not load there; refused."""
+    import transformers
+
+    cls, kw = MOE_FAMILIES["olmoe"]
+    model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls)(**{**_MOE, **kw, "num_key_value_heads": 2}))
+    with pytest.raises(FrugalError, match="olmoe takes no grouped-query attention"):
+        frugal.compress(model, {"method": "rtn", "weights": {"group_size": 32}}, formats=("gguf",))

@@ -87,6 +87,8 @@ class GGUFArch:
     # MoE: whether llama.cpp's graph for this architecture renormalises the top-k routing weights (it is
     # fixed per architecture: the config's norm_topk_prob must agree); None: experts are not written
     moe_norm_topk: bool | None = None
+    # llama.cpp sizes attn_k_norm to the full hidden width (OLMoE): as many key/value heads as query heads
+    k_norm_full_width: bool = False
 
 
 @dataclass(frozen=True)
@@ -155,7 +157,7 @@ _MOE_ROTATION = ("the residual rotation would have to be fused into every expert
 _MOE_GGUF = {"mixtral": GGUFArch("llama", permute_qk=True, moe_norm_topk=True),  # llama.cpp: llama with experts
              "qwen2_moe": GGUFArch("qwen2moe", tokenizer_pre="qwen2", moe_norm_topk=False),
              "qwen3_moe": GGUFArch("qwen3moe", tokenizer_pre="qwen2", moe_norm_topk=True),
-             "olmoe": GGUFArch("olmoe", tokenizer_pre="olmo", moe_norm_topk=False)}
+             "olmoe": GGUFArch("olmoe", tokenizer_pre="olmo", moe_norm_topk=False, k_norm_full_width=True)}
 _RECORDS += tuple(FamilyRecord(mt, awq=_MOE_ATTN, rotation_refused=_MOE_ROTATION, gguf=arch)
                   for mt, arch in _MOE_GGUF.items())
 FAMILIES: dict[str, FamilyRecord] = {r.model_type: r for r in _RECORDS}

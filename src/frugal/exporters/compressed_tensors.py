@@ -91,7 +91,7 @@ def checkpoint_linears(model: torch.nn.Module, quantized: dict[str, QuantizedWei
     linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and is_expert_layer(n, groups) is None]
     if not groups:
         return linears, quantized
-    _, quantized, expert_linears = to_checkpoint(model, {}, quantized, None)
+    _, quantized, expert_linears = to_checkpoint(model, {}, quantized, None, dense=False)
     return linears + expert_linears, quantized
 
 
@@ -108,6 +108,11 @@ def write(compressed: Any, directory: Any) -> None:
     qc = quantization_config(quantized, linears)
     if expert_groups(model):
         qc["dequantize"] = True  # transformers 5 merges per-expert packed weights on its dequantize route only
+    modules = dict(model.named_modules())
+    if any(type(modules[n]) is not torch.nn.Linear for n in compressed.quantized if n in modules):
+        # a family's own subclass of nn.Linear (falcon's FalconLinear, ...): its _init_weights touches `.weight`,
+        # which transformers' compressed route has removed; the dequantize route keeps it
+        qc["dequantize"] = True
     write_checkpoint(model, compressed.tokenizer, directory, compressed_state_dict(model, compressed.quantized, dtype),
                      qc, dtype)
     report = json.dumps(compressed.report.to_dict(), indent=2, sort_keys=True) + "\n"

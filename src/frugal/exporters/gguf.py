@@ -60,6 +60,9 @@ def check(model, recipe) -> None:
     if arch.scale_from_head_dim and cfg.query_pre_attn_scalar != head_dim:
         raise FrugalError(f"--format gguf: gemma3 query_pre_attn_scalar={cfg.query_pre_attn_scalar} differs from "
                           f"head_dim={head_dim}; llama.cpp derives the attention scale from head_dim")
+    if arch.k_norm_full_width and cfg.num_key_value_heads != cfg.num_attention_heads:
+        raise FrugalError(f"--format gguf: llama.cpp's {arch.arch} takes no grouped-query attention (num_key_value_heads "
+                          f"{cfg.num_key_value_heads} != num_attention_heads {cfg.num_attention_heads})")
     _check_experts(model, cfg, arch)
     if not recipe.gguf_type:
         from frugal.load.blocks import quantizable_linears

@@ -198,11 +198,12 @@ def _is_expert_tensor(key: str, groups: dict[str, ExpertLinears]) -> bool:
 
 
 def to_checkpoint(model: nn.Module, sd: dict[str, torch.Tensor], quantized: dict[str, Any],
-                  dtype: torch.dtype | None) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[str]]:
+                  dtype: torch.dtype | None, dense: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[str]]:
     """The state dict `sd` and quantized weights of `model` from frugal's expert names (`<group>.<e>.<proj>`)
     to the checkpoint's: (state dict, quantized weights by checkpoint layer name, the checkpoint layers that
     are one expert's 2-D weight). Where a checkpoint tensor is not one expert's rows (a fused 3-D
-    checkpoint), the quantized experts are stored dequantized, with a warning."""
+    checkpoint), the quantized experts are stored dequantized, with a warning; `dense` False: names only
+    (no dense tensors gathered, no warning)."""
     groups = expert_groups(model)
     sd = {k: v for k, v in sd.items() if not _is_expert_tensor(k, groups)}
     out_q = {n: qw for n, qw in quantized.items() if is_expert_layer(n, groups) is None}
@@ -213,7 +214,7 @@ def to_checkpoint(model: nn.Module, sd: dict[str, torch.Tensor], quantized: dict
             names = [f"{g}.{e}.{proj}" for e in range(ex.num_experts)]
             parts = layout(model, g, proj)
             packed = all(n in quantized for n in names) and all(p.single_expert is not None for p in parts)
-            if any(n in quantized for n in names) and not packed:
+            if dense and any(n in quantized for n in names) and not packed:
                 log.warning("%s.*.%s: the checkpoint stores these experts fused; written dequantized", g, proj)
             for part in parts:
                 layer = part.name.removesuffix(".weight")
@@ -221,10 +222,10 @@ def to_checkpoint(model: nn.Module, sd: dict[str, torch.Tensor], quantized: dict
                     linears.append(layer)
                 if packed:
                     out_q[layer] = _rows(quantized[names[part.single_expert]], part.row)
-                else:
+                elif dense:
                     w = _gather(part, lambda e: lins[e].weight.detach())
                     sd[part.name] = w if dtype is None or not w.is_floating_point() else w.to(dtype)
-            if ex.has_bias:
+            if ex.has_bias and dense:
                 for part in layout(model, g, proj, bias=True):
                     b = _gather(part, lambda e: lins[e].bias.detach())
                     sd[part.name] = b if dtype is None else b.to(dtype)
