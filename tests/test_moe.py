@@ -342,3 +342,12 @@ def test_gguf_refuses_olmoe_with_grouped_query_attention():
     model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls)(**{**_MOE, **kw, "num_key_value_heads": 2}))
     with pytest.raises(FrugalError, match="olmoe takes no grouped-query attention"):
         frugal.compress(model, {"method": "rtn", "weights": {"group_size": 32}}, formats=("gguf",))
+
+
+def test_analysis_covers_every_expert(runs):
+    """`frugal analyze` measures each expert as compression rounds it (the experts unfused first)."""
+    src, _, _ = runs["qwen3_moe"]
+    analysis = frugal.analyze(src, samples=2, calib_len=64)
+    names = {l.name for l in analysis.layers}
+    assert {f"model.layers.1.mlp.experts.{e}.down_proj" for e in range(8)} <= names
+    assert not any(n.endswith("mlp.gate") for n in names)  # the router stays float

@@ -224,7 +224,9 @@ def sensitivity(model, source, tokenizer, ids, formats, measure, method: str = "
     from frugal.analysis.budget import analysis_method
     from frugal.calibrate import default_text, from_text
     from frugal.compression import methods
+    from frugal.load.experts import unfuse_experts
 
+    unfuse_experts(model)  # MoE: each expert's sensitivity, as compression will round it (the same function)
     h_ids = None
     if methods.get(method, "--method").needs_hessian and hessian_samples:
         h_ids = from_text(tokenizer, default_text(), hessian_samples, 512, seed)

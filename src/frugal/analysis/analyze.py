@@ -158,7 +158,7 @@ class TailRunner:
                     outs.append(run_block(b, x, self.args, self.kwargs[i]))
                     hooks.end_sample()
                 self.inputs.append(outs)
-        self.hessians = {n: hooks.hessians[n].matrix() for n in layers}
+        self.hessians = layer_hessians(hooks.hessians, layers)
         del hooks
         self.head = _head(model)
         self.ref = [F.log_softmax(self.head(x)[0].float(), dim=-1) for x in self.inputs[-1]]  # (L, V) each
@@ -299,7 +299,14 @@ def model_hessians(model: nn.Module, samples: torch.Tensor, layers: dict[str, nn
         for i in tqdm(range(samples.shape[0]), desc="analyze: hessians", unit="sample"):
             model(samples[i : i + 1], use_cache=False)
             hooks.end_sample()
-    return {n: hooks.hessians[n].matrix() for n in layers}
+    return layer_hessians(hooks.hessians, layers)
+
+
+def layer_hessians(accs: dict, layers: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
+    """Each layer's H; zero for a layer no analysis token reached (a MoE expert the router never picked
+    here): rounding it changes nothing on these tokens, which is what its proxy then says."""
+    return {n: accs[n].matrix() if n in accs and accs[n].n else
+            torch.zeros(lin.in_features, lin.in_features, device=lin.weight.device) for n, lin in layers.items()}
 
 
 def _one_layer(name, lin, cands, measure, runner: TailRunner, b: int, gptq=None) -> LayerSensitivity:
@@ -342,7 +349,11 @@ def cached_analyze(model: nn.Module, source, samples: torch.Tensor, candidates: 
 
     from frugal.load.model import cache_dir
 
+    from frugal.load.experts import expert_groups
+
     key = [ANALYSIS_VERSION, source_identity(source), candidates, measure, list(ignore)]
+    if expert_groups(model):  # MoE experts analysed one by one (dense models keep their keys)
+        key.append("experts")
     hessian_aware = methods.get(method, "analyze: method").needs_hessian
     if hessian_aware:  # round-to-nearest keys stay as they were, so earlier caches remain valid
         key += [method, dataclasses.asdict(gptq) if gptq is not None else None]
