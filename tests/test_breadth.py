@@ -168,3 +168,30 @@ def test_linear_subclass_family_reloads(tmp_path):
     c.save(tmp_path / "out")
     assert json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]["dequantize"] is True
     assert _kl_to_reload(c, tmp_path / "out") < 1e-3
+
+
+@pytest.mark.parametrize("family, arch", [("gemma", "gemma"), ("phi3", "phi3"), ("olmo2", "olmo2"),
+                                          ("granite", "granite"), ("starcoder2", "starcoder2")])
+def test_gguf_architectures(tmp_path, family, arch):
+    """The GGUF records added for breadth: every quantized linear stored bit-exact as Q4_0 (symmetric grid,
+    float16 scales), the right llama.cpp architecture and its keys (llama.cpp parity: bench/gguf_families.py)."""
+    import json
+
+    import transformers
+    from gguf import GGUFReader
+
+    if not TOKENIZER.is_dir():
+        pytest.skip(f"{TOKENIZER}: shared tokenizer missing")
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(tiny_config(family)).save_pretrained(tmp_path / "src")
+    transformers.AutoTokenizer.from_pretrained(TOKENIZER).save_pretrained(tmp_path / "src")
+    recipe = {"method": "rtn", "weights": {"bits": 4, "group_size": 32}, "storage": {"dtype": "float32", "scale_dtype": "float16"}}
+    c = frugal.compress(tmp_path / "src", recipe, formats=("gguf",))
+    c.save(tmp_path / "g", fmt="gguf")
+    reader = GGUFReader(tmp_path / "g" / "model.gguf")
+    assert reader.fields["general.architecture"].contents() == arch
+    tensors = json.loads((tmp_path / "g" / "frugal.json").read_text())["gguf"]["tensors"]
+    quant = {n: r for n, r in tensors.items() if r["type"] == "Q4_0"}
+    assert len(quant) == len(c.quantized) and all(r["exact"] for r in quant.values())
+    if arch == "granite":
+        assert reader.fields["granite.residual_scale"].contents() == pytest.approx(c.model.config.residual_multiplier)

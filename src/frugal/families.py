@@ -124,7 +124,7 @@ _RECORDS = (
     # q_norm/k_norm act on q/k heads after q_proj/k_proj: untouched by the rotations
     replace(_LLAMA, model_type="qwen3", onnx=OnnxGraph(qk_norm=True), gguf=GGUFArch("qwen3", tokenizer_pre="qwen2")),
     # the embedding is scaled by sqrt(hidden): a scalar, it commutes with the rotation
-    FamilyRecord("gemma", norm=_GEMMA_NORM, rotation=RotationLayout()),
+    FamilyRecord("gemma", norm=_GEMMA_NORM, rotation=RotationLayout(), gguf=GGUFArch("gemma")),
     FamilyRecord("gemma2", norm=_GEMMA_NORM, rotation_refused=_POST_NORMS),
     FamilyRecord("gemma3", norm=_GEMMA_NORM, rotation_refused=_POST_NORMS),
     FamilyRecord("gemma3_text", norm=_GEMMA_NORM, rotation_refused=_POST_NORMS,
@@ -138,7 +138,8 @@ _RECORDS = (
                                         ScalePair("post_attention_layernorm", ("mlp.gate_up_proj",))),
                                        no_clip=("self_attn.qkv_proj",)),
                  rotation=RotationLayout(attn_in=("self_attn.qkv_proj",), mlp_in=("mlp.gate_up_proj",),
-                                         v_proj="self_attn.qkv_proj", v_after_qk=True)),
+                                         v_proj="self_attn.qkv_proj", v_after_qk=True),
+                 gguf=GGUFArch("phi3")),
     FamilyRecord("opt", norm=Norm("layer"), final=("model.decoder.final_layer_norm", "model.decoder.project_out"),
                  awq=AWQLayout((ScalePair("self_attn_layer_norm",
                                           ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), _PRE_LN),
@@ -149,6 +150,16 @@ _RECORDS = (
                                   "residual stream",
                  roles=(("mlp_linear", ("fc1", "fc2")), ("mlp_act", ("activation_fn",)))),
 )
+# GGUF-only records: llama.cpp architectures whose tensors gguf-py's name tables map from transformers'.
+_NOT_LAID_OUT = "not laid out for this family"
+_RECORDS += (
+    FamilyRecord("olmo2", rotation_refused=_POST_NORMS, gguf=GGUFArch("olmo2")),
+    FamilyRecord("granite", rotation_refused=_NOT_LAID_OUT, gguf=GGUFArch("granite", permute_qk=True)),
+    FamilyRecord("starcoder2", norm=Norm("layer"), gguf=GGUFArch("starcoder2", tokenizer_pre="starcoder"),
+                 rotation_refused="LayerNorm subtracts the mean, which does not commute with a rotation of the "
+                                  "residual stream"),
+)
+
 # MoE families with Llama's attention: AWQ scales the attention only (the MoE input also feeds the float
 # router, which a folded norm scale would change).
 _MOE_ATTN = AWQLayout((_ATTN, _VO))

@@ -238,8 +238,9 @@ def _rope_theta(cfg, layer_type: str = "full_attention") -> float:
     return float(params.get("rope_theta", 10000.0))
 
 
-def _add_hparams(w, cfg, arch: str) -> None:
+def _add_hparams(w, cfg, fam: FamilyRecord) -> None:
     """The architecture block of the GGUF header, from the Hugging Face config."""
+    arch = fam.gguf.arch
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
@@ -251,8 +252,17 @@ def _add_hparams(w, cfg, arch: str) -> None:
     w.add_value_length(head_dim)
     w.add_rope_dimension_count(head_dim)
     w.add_rope_freq_base(_rope_theta(cfg))
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    if fam.norm.kind == "layer":
+        w.add_layer_norm_eps(next(getattr(cfg, k) for k in ("norm_epsilon", "layer_norm_eps", "rms_norm_eps")
+                                  if getattr(cfg, k, None) is not None))
+    else:
+        w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_vocab_size(cfg.vocab_size)
+    if arch == "granite":  # Granite's multipliers, which llama.cpp's granite graph applies
+        w.add_attention_scale(cfg.attention_multiplier)
+        w.add_embedding_scale(cfg.embedding_multiplier)
+        w.add_residual_scale(cfg.residual_multiplier)
+        w.add_logit_scale(cfg.logits_scaling)
     n_experts = next((getattr(cfg, k) for k in ("num_local_experts", "num_experts") if getattr(cfg, k, None)), None)
     if n_experts:
         w.add_expert_count(n_experts)
@@ -342,7 +352,7 @@ def write_gguf(path: Path, model, tokenizer, quantized: dict, source: str = "", 
     w.add_name(Path(source).stem or "model")
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_file_type(_file_type(gguf_type, [r for *_, r in tensors]))
-    _add_hparams(w, cfg, fam.gguf.arch)
+    _add_hparams(w, cfg, fam)
     if source.endswith(".gguf") and Path(source).is_file():
         _copy_tokenizer(w, Path(source))
     elif tokenizer is not None:
