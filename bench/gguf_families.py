@@ -23,7 +23,8 @@ from common import publish  # noqa: E402
 
 WORK = ROOT / "bench" / ".work" / "gguf-families"
 # Config settings llama.cpp's graph for the architecture assumes (see docs/formats.md).
-OVERRIDES = {"qwen3_moe": {"norm_topk_prob": True}, "olmoe": {"num_key_value_heads": 4}}
+OVERRIDES = {"qwen3_moe": {"norm_topk_prob": True}, "olmoe": {"num_key_value_heads": 4},
+             "gemma3_text": {"query_pre_attn_scalar": 16}}
 
 
 def one(family: str, G, protocol, tok, wins_path: Path, bos_args: list[str], threads: int) -> list[str]:

@@ -76,7 +76,7 @@ def _check_experts(model, cfg, arch) -> None:
     """MoE: the architecture must have llama.cpp expert tensors, the routing normalisation llama.cpp's graph
     hard-codes, and a per-expert checkpoint layout (which gives the gate and up rows of `gate_up_proj`)."""
     from frugal.exporters import moe_layers
-    from frugal.load.experts import expert_groups, layout, unfuse_experts
+    from frugal.load.experts import expert_groups, layout
 
     if not moe_layers(model):
         return
@@ -86,8 +86,7 @@ def _check_experts(model, cfg, arch) -> None:
     if bool(norm) != arch.moe_norm_topk:
         raise FrugalError(f"--format gguf: {cfg.model_type} with norm_topk_prob={norm}: llama.cpp's {arch.arch} "
                           f"graph always uses {arch.moe_norm_topk}")
-    unfuse_experts(model)
-    for g, ex in expert_groups(model).items():
+    for g, ex in expert_groups(model).items():  # unfused experts only (a fused model is checked again at save)
         if ex.has_bias or not all(p.single_expert is not None for p in layout(model, g, ex.in_proj)):
             raise FrugalError(f"--format gguf: {g}: experts with biases or a fused checkpoint layout are not "
                               f"written to GGUF yet")
@@ -342,11 +341,15 @@ def write_gguf(path: Path, model, tokenizer, quantized: dict, source: str = "", 
     """Write one GGUF file; float 2-D tensors as `float_type` (F16 or F32). Returns the per-tensor record."""
     import gguf
 
-    from frugal.load.experts import unfuse_experts
+    import copy
+
+    from frugal.load.experts import is_fused_experts, unfuse_experts
 
     cfg = _text_config(model)
     fam = arch_of(model)
-    unfuse_experts(model)  # MoE: per-expert tensors to stack (the same function; idempotent)
+    if any(is_fused_experts(m) for m in model.modules()):  # MoE: per-expert tensors to stack, on a copy
+        model = copy.deepcopy(model)  # (the caller's model keeps its fused experts: save_pretrained needs them)
+        unfuse_experts(model)
     tensors = sorted(_tensors(model, quantized, fam, cfg, float_type), key=_tensor_order)
     w = gguf.GGUFWriter(str(path), fam.gguf.arch)
     w.add_name(Path(source).stem or "model")
