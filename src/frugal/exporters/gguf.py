@@ -97,7 +97,7 @@ def _expert_tensors(model, quantized: dict, fam: FamilyRecord, cfg, names, float
     (gate, up, down) of each layer stacked in expert order, (experts, out, in) -> blk.N.ffn_*_exps."""
     import gguf
 
-    from frugal.load.experts import _gather, _rows, expert_groups, layout
+    from frugal.load.experts import expert_groups, gather_rows, layout, row_slice
 
     out = []
     for g, ex in expert_groups(model).items():
@@ -110,8 +110,8 @@ def _expert_tensors(model, quantized: dict, fam: FamilyRecord, cfg, names, float
                 frugal_name = f"{g}.{e}.{proj}"
                 lin = getattr(ex.expert(e), proj)
                 qw = quantized.get(frugal_name)
-                stacks.setdefault(merged, []).append(_rows(qw, part.row) if qw is not None else
-                                                     _gather(part, lambda _e: lin.weight.detach()))
+                stacks.setdefault(merged, []).append(row_slice(qw, part.row) if qw is not None else
+                                                     gather_rows(part, lambda _e: lin.weight.detach()))
             for merged, items in stacks.items():
                 name = names.get_name(merged)
                 if name is None:

@@ -162,7 +162,7 @@ def layout(model: nn.Module, group: str, proj: str, bias: bool = False) -> list[
     return parts
 
 
-def _gather(part: Part, rows_of) -> torch.Tensor:
+def gather_rows(part: Part, rows_of) -> torch.Tensor:
     """The checkpoint tensor `part` from `rows_of(e)`: expert e's (out, ...) tensor."""
     first = rows_of(int(part.expert[0]))
     rows = torch.empty((len(part.row), *first.shape[1:]), dtype=first.dtype)
@@ -176,7 +176,7 @@ def _gather(part: Part, rows_of) -> torch.Tensor:
     return rows.reshape(*moved[:-1], rows.shape[-1]).movedim(-1, part.in_dim)
 
 
-def _scatter(part: Part, tensor: torch.Tensor, into: dict[int, torch.Tensor]) -> None:
+def scatter_rows(part: Part, tensor: torch.Tensor, into: dict[int, torch.Tensor]) -> None:
     """Write the checkpoint tensor `part` into each expert's (out, ...) tensor in `into`."""
     rows = tensor if part.in_dim is None else tensor.movedim(part.in_dim, -1)
     rows = rows.reshape(len(part.row), *(() if part.in_dim is None else (rows.shape[-1],)))
@@ -186,7 +186,7 @@ def _scatter(part: Part, tensor: torch.Tensor, into: dict[int, torch.Tensor]) ->
 
 
 
-def _rows(qw: Any, rows: torch.Tensor) -> Any:
+def row_slice(qw: Any, rows: torch.Tensor) -> Any:
     """The QuantizedWeight of some output rows of `qw` (codes, scales and zero points sliced alike)."""
     zp = None if qw.zero_point is None else qw.zero_point[rows]
     return replace(qw, q=qw.q[rows], scale=qw.scale[rows], zero_point=zp)
@@ -221,13 +221,13 @@ def to_checkpoint(model: nn.Module, sd: dict[str, torch.Tensor], quantized: dict
                 if part.single_expert is not None:
                     linears.append(layer)
                 if packed:
-                    out_q[layer] = _rows(quantized[names[part.single_expert]], part.row)
+                    out_q[layer] = row_slice(quantized[names[part.single_expert]], part.row)
                 elif dense:
-                    w = _gather(part, lambda e: lins[e].weight.detach())
+                    w = gather_rows(part, lambda e: lins[e].weight.detach())
                     sd[part.name] = w if dtype is None or not w.is_floating_point() else w.to(dtype)
             if ex.has_bias and dense:
                 for part in layout(model, g, proj, bias=True):
-                    b = _gather(part, lambda e: lins[e].bias.detach())
+                    b = gather_rows(part, lambda e: lins[e].bias.detach())
                     sd[part.name] = b if dtype is None else b.to(dtype)
     return sd, out_q, linears
 
@@ -245,7 +245,7 @@ def from_checkpoint(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[st
                 for part in layout(model, g, proj, bias=kind == "bias"):
                     if part.name not in state:
                         raise KeyError(part.name)
-                    _scatter(part, state.pop(part.name), into)
+                    scatter_rows(part, state.pop(part.name), into)
                 state.update({f"{g}.{e}.{proj}.{kind}": t for e, t in into.items()})
     return state
 
