@@ -4,6 +4,7 @@ g32), does plain transformers reload the output to frugal's own result, and is e
 
     .venv/bin/python bench/families.py                 # every causal-LM family (~1 h on 2 cores)
     .venv/bin/python bench/families.py mixtral qwen3   # some families (not published)
+    .venv/bin/python bench/families.py --rerun-failed  # the families the last full run failed, merged
 
 Each family runs in its own process (a crash or a hang costs that family only). Prints a table and rewrites
 the `families` section of docs/benchmarks.md; per-family details in bench/results/families.json.
@@ -149,6 +150,8 @@ def summary(results: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("families", nargs="*", help="model types (default: every causal-LM family)")
+    ap.add_argument("--rerun-failed", action="store_true",
+                    help="re-run only the families that failed in bench/results/families.json (after a fix) and merge")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one:
@@ -158,13 +161,23 @@ def main() -> None:
 
     import transformers
 
-    results = run_all(a.families or causal_families())
+    saved = ROOT / "bench" / "results" / "families.json"
+    note = ""
+    if a.rerun_failed:
+        results = json.loads(saved.read_text())["results"]
+        failed = [r["family"] for r in results if r["stage"] not in ("ok", "build")]
+        redone = {r["family"]: r for r in run_all(failed)}
+        results = [redone.get(r["family"], r) for r in results]
+        note = f"The {len(failed)} families that failed the full run were re-run after the fixes it showed. "
+    else:
+        results = run_all(a.families or causal_families())
     (ROOT / "bench" / "results").mkdir(exist_ok=True)
     if not a.families:
         (ROOT / "bench" / "results" / "families.json").write_text(json.dumps(
             {"transformers": transformers.__version__, "results": results}, indent=2) + "\n")
-    publish("families", "Every causal-LM family: compress, reload, nothing left float", "bench/families.py", [],
-            f"transformers {transformers.__version__}. " + summary(results), docs=not a.families)
+    publish("families", "Every causal-LM family: compress, reload, nothing left float", "bench/families.py",
+            ["--rerun-failed"] if a.rerun_failed else [],
+            f"transformers {transformers.__version__}. {note}" + summary(results), docs=not a.families)
 
 
 if __name__ == "__main__":

@@ -195,3 +195,23 @@ def test_gguf_architectures(tmp_path, family, arch):
     assert len(quant) == len(c.quantized) and all(r["exact"] for r in quant.values())
     if arch == "granite":
         assert reader.fields["granite.residual_scale"].contents() == pytest.approx(c.model.config.residual_multiplier)
+
+
+@pytest.mark.parametrize("family", ["gpt_bigcode", "rwkv", "roberta"])
+def test_reload_where_family_init_or_ties_differ(tmp_path, family):
+    """gpt_bigcode's _init_weights touches its MLP's weights (the dequantize flag is probed on a meta copy);
+    roberta's head bias is tied to another parameter (frugal's reader accepts the alias)."""
+    import transformers
+
+    from frugal.load.model import load_model
+
+    if not TOKENIZER.is_dir():
+        pytest.skip(f"{TOKENIZER}: shared tokenizer missing")
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(tiny_config(family)).save_pretrained(tmp_path / "src")
+    transformers.AutoTokenizer.from_pretrained(TOKENIZER).save_pretrained(tmp_path / "src")
+    c = frugal.compress(tmp_path / "src", {**RECIPE, "method": "rtn"})
+    c.save(tmp_path / "out")
+    assert _kl_to_reload(c, tmp_path / "out") < 1e-3
+    own = load_model(tmp_path / "out").model
+    assert all(torch.equal(own.state_dict()[k], v) for k, v in c.model.state_dict().items())

@@ -95,6 +95,32 @@ def checkpoint_linears(model: torch.nn.Module, quantized: dict[str, QuantizedWei
     return linears + expert_linears, quantized
 
 
+def needs_dense_load(model: torch.nn.Module, quantized: dict) -> bool:
+    """Whether plain from_pretrained must take transformers' dequantize-at-load route: its compressed route
+    removes each quantized layer's `.weight`, and some families' own `_init_weights` touch it (falcon's
+    `FalconLinear`, mamba's mixer, gpt_bigcode's MLP, rwkv, ...). Probed on a meta-device copy of the
+    architecture with those weights removed: an AttributeError from the family's init says so."""
+    import transformers
+
+    try:
+        with torch.device("meta"):
+            skeleton = transformers.AutoModelForCausalLM.from_config(model.config)
+    except Exception:  # not buildable from its config alone: keep the default route
+        return False
+    modules = dict(skeleton.named_modules())
+    for name in quantized:
+        if name in modules and isinstance(getattr(modules[name], "weight", None), torch.Tensor):
+            del modules[name].weight
+    for module in skeleton.modules():
+        try:
+            skeleton._init_weights(module)
+        except AttributeError:
+            return True
+        except Exception:  # any other complaint about the meta copy is not this failure
+            pass
+    return False
+
+
 def write(compressed: Any, directory: Any) -> None:
     """Write a `frugal.compression.result.Compressed` into an (empty, temporary) directory."""
     import json
@@ -108,10 +134,7 @@ def write(compressed: Any, directory: Any) -> None:
     qc = quantization_config(quantized, linears)
     if expert_groups(model):
         qc["dequantize"] = True  # transformers 5 merges per-expert packed weights on its dequantize route only
-    modules = dict(model.named_modules())
-    if any(type(modules[n]) is not torch.nn.Linear for n in compressed.quantized if n in modules):
-        # a family's own subclass of nn.Linear (falcon's FalconLinear, ...): its _init_weights touches `.weight`,
-        # which transformers' compressed route has removed; the dequantize route keeps it
+    if needs_dense_load(model, compressed.quantized):
         qc["dequantize"] = True
     write_checkpoint(model, compressed.tokenizer, directory, compressed_state_dict(model, compressed.quantized, dtype),
                      qc, dtype)

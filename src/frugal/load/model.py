@@ -225,12 +225,20 @@ def _from_packed_compressed(directory: Path, dtype: Any) -> Any:
     missing, unexpected = model.load_state_dict(state, strict=False)
     head, emb = model.get_output_embeddings(), model.get_input_embeddings()
     tied = {f"{n}.weight" for n, m in model.named_modules() if head is not None and m is head and head.weight is emb.weight}
-    missing = [k for k in missing if k not in tied]  # a tied head (lm_head, biogpt's output_projection, ...)
+    missing = [k for k in missing if k not in tied and not _alias_loaded(model, k, state)]  # tied heads and biases
     if missing:
         raise FrugalError(f"{directory}: the checkpoint lacks {missing[0]}, which the architecture needs")
     if unexpected:
         log.warning("%s: %d tensors the architecture does not use (e.g. %s)", directory, len(unexpected), unexpected[0])
     return model
+
+
+def _alias_loaded(model: Any, key: str, state: dict) -> bool:
+    """Whether parameter `key` is the same tensor as one the state dict does hold (tied: BERT-style heads'
+    `decoder.bias` is `predictions.bias`), so loading that one filled it."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    p = params.get(key)
+    return p is not None and any(q is p and n in state for n, q in params.items() if n != key)
 
 
 def _from_pretrained(directory: Path, cfg: dict, dtype: Any, allow_pickle: bool) -> Any:
