@@ -215,3 +215,24 @@ def test_reload_where_family_init_or_ties_differ(tmp_path, family):
     assert _kl_to_reload(c, tmp_path / "out") < 1e-3
     own = load_model(tmp_path / "out").model
     assert all(torch.equal(own.state_dict()[k], v) for k, v in c.model.state_dict().items())
+
+
+def test_blocks_that_do_not_batch(tmp_path, caplog):
+    """bloom's captured alibi is for batch 1: the engine probes it, calibrates one sequence per call (a
+    warning says so), and the result is the one batch 1 gives; plain transformers reloads it."""
+    import transformers
+
+    if not TOKENIZER.is_dir():
+        pytest.skip(f"{TOKENIZER}: shared tokenizer missing")
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(tiny_config("bloom")).save_pretrained(tmp_path / "src")
+    transformers.AutoTokenizer.from_pretrained(TOKENIZER).save_pretrained(tmp_path / "src")
+    with caplog.at_level(logging.WARNING):
+        c = frugal.compress(tmp_path / "src", RECIPE, CALIB_TEXT)
+    assert "do not take a batch of sequences" in caplog.text
+    assert c.report.recipe.calibration.batch_size == 8  # the recipe recorded is the one asked for
+    one = frugal.compress(tmp_path / "src", {**RECIPE, "calibration": {**RECIPE["calibration"], "batch_size": 1}},
+                          CALIB_TEXT)
+    assert all(torch.equal(c.quantized[n].q, one.quantized[n].q) for n in c.quantized)
+    c.save(tmp_path / "out")
+    assert _kl_to_reload(c, tmp_path / "out") < 1e-3

@@ -21,7 +21,7 @@ from frugal.compression import methods, transforms
 from frugal.compression.timing import stage
 from frugal.compression.result import LayerReport
 from frugal.compression.statistics import Statistics, choose_hessians
-from frugal.compression.hooks import HessianHooks, capture_block_inputs, feed_batched, run_batched
+from frugal.compression.hooks import HessianHooks, capture_block_inputs, feed_batched, run_batched, run_block
 from frugal.compression.inplace import assign
 from frugal.compression.transforms.base import BlockContext, Place
 from frugal.load.blocks import block_linears, find_blocks, outside_linears
@@ -207,6 +207,7 @@ def _calibrated_blocks(model, blocks_name, blocks, recipe, samples, quantized, r
     are its targets."""
     with stage("capture"):
         inputs = capture_block_inputs(model, blocks, samples)
+    recipe = batchable(recipe, blocks, inputs)
     float_hidden = inputs.hidden if transforms.float_targets(recipe) else None  # the float model's input to block i
     for i, block in enumerate(tqdm(blocks, desc=recipe.method, unit="block")):
         kw = inputs.kwargs_per_block[i]
@@ -219,6 +220,29 @@ def _calibrated_blocks(model, blocks_name, blocks, recipe, samples, quantized, r
         float_hidden = targets
         quantized.update(q)
         reports.update(r)
+
+
+@torch.no_grad()
+def batchable(recipe: Recipe, blocks: nn.ModuleList, inputs) -> Recipe:
+    """`recipe`, or a copy with one sequence per block call when the blocks' captured arguments do not
+    broadcast over a batch (bloom's alibi, masks some families build per batch): probed on two samples of
+    each block class. Only the batching changes: the statistics are per-sample sums either way."""
+    import dataclasses
+
+    if recipe.calibration.batch_size == 1 or len(inputs.hidden) < 2:
+        return recipe
+    seen = set()
+    for i, block in enumerate(blocks):
+        if type(block) in seen:
+            continue
+        seen.add(type(block))
+        try:
+            run_block(block, torch.cat(inputs.hidden[:2]), inputs.args, inputs.kwargs_per_block[i])
+        except Exception as e:  # the family's captured arguments are for batch 1
+            log.warning("%s: block calls do not take a batch of sequences (%s); calibrating one sequence per call",
+                        type(block).__name__, str(e).splitlines()[0][:100])
+            return dataclasses.replace(recipe, calibration=dataclasses.replace(recipe.calibration, batch_size=1))
+    return recipe
 
 
 def _check_inputs_finite(hessians: dict[str, torch.Tensor], where: str) -> None:
