@@ -113,7 +113,8 @@ def main() -> None:
             f"(arch `llama` with experts) and the router in F32. The tiny random rows check each architecture's "
             f"tensor names, header and routing against llama.cpp's graph (random weights: perplexity near the vocabulary size).\n\n" + "\n".join(md) + "\n")
     (ROOT / "bench" / "results").mkdir(exist_ok=True)
-    (ROOT / "bench" / "results" / "moe_gguf.json").write_text(json.dumps({"rows": rows, "llama_cpp": lc}, indent=2) + "\n")
+    (ROOT / "bench" / "results" / "moe_gguf.json").write_text(json.dumps({"rows": rows, "llama_cpp": {k: {m: v[m] for m in ("ppl", "nll", "tokens")} for k, v in lc.items()}},
+                   indent=2) + "\n")
     publish("moe-gguf", "MoE in llama.cpp: frugal's GGUF of the trained tiny Mixtral", "bench/moe_gguf.py", [], body)
 
 

@@ -62,15 +62,24 @@ def test_every_causal_family_finds_blocks_and_unfuses_experts():
     assert built >= 150 and len(refused) <= len(REFUSED) and moe >= 40, (built, refused, moe)
 
 
-def _tiny(config_cls: str, dest: Path, **kw) -> Path:
+def _save(cfg, dest: Path):
+    """A random model of config `cfg` (seed 0) saved with tokenizer-512 into `dest`; the model."""
     import transformers
 
     if not TOKENIZER.is_dir():
         pytest.skip(f"{TOKENIZER}: shared tokenizer missing")
     torch.manual_seed(0)
-    cfg = getattr(transformers, config_cls)(vocab_size=512, bos_token_id=1, eos_token_id=2, pad_token_id=0, **kw)
-    transformers.AutoModelForCausalLM.from_config(cfg).eval().save_pretrained(dest)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    model.save_pretrained(dest)
     transformers.AutoTokenizer.from_pretrained(TOKENIZER).save_pretrained(dest)
+    return model
+
+
+def _tiny(config_cls: str, dest: Path, **kw) -> Path:
+    """`_save` of a config class with the given sizes (tokenizer-512 ids)."""
+    import transformers
+
+    _save(getattr(transformers, config_cls)(vocab_size=512, bos_token_id=1, eos_token_id=2, pad_token_id=0, **kw), dest)
     return dest
 
 
@@ -109,19 +118,10 @@ def test_head_by_role(tmp_path):
 def test_hybrid_stack_of_two_layer_classes(tmp_path):
     """olmo_hybrid mixes linear-attention and attention layers in one list: found, every block's linears
     quantized with GPTQ, plain transformers reloads it."""
-    import transformers
-
     from frugal.load.blocks import find_blocks
 
-    cfg = tiny_config("olmo_hybrid")
-    if not TOKENIZER.is_dir():
-        pytest.skip(f"{TOKENIZER}: shared tokenizer missing")
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
-    name, blocks = find_blocks(model)
+    name, blocks = find_blocks(_save(tiny_config("olmo_hybrid"), tmp_path / "src"))
     assert name == "model.layers" and len({type(b) for b in blocks}) == 2
-    model.save_pretrained(tmp_path / "src")
-    transformers.AutoTokenizer.from_pretrained(TOKENIZER).save_pretrained(tmp_path / "src")
     c = frugal.compress(tmp_path / "src", RECIPE, CALIB_TEXT)
     linears = [n for n, m in c.model.named_modules() if isinstance(m, nn.Linear) and n.startswith("model.layers.")]
     assert linears and all(n in c.quantized for n in linears)
@@ -177,14 +177,9 @@ def test_gguf_architectures(tmp_path, family, arch):
     float16 scales), the right llama.cpp architecture and its keys (llama.cpp parity: bench/gguf_families.py)."""
     import json
 
-    import transformers
     from gguf import GGUFReader
 
-    if not TOKENIZER.is_dir():
-        pytest.skip(f"{TOKENIZER}: shared tokenizer missing")
-    torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(tiny_config(family)).save_pretrained(tmp_path / "src")
-    transformers.AutoTokenizer.from_pretrained(TOKENIZER).save_pretrained(tmp_path / "src")
+    _save(tiny_config(family), tmp_path / "src")
     recipe = {"method": "rtn", "weights": {"bits": 4, "group_size": 32}, "storage": {"dtype": "float32", "scale_dtype": "float16"}}
     c = frugal.compress(tmp_path / "src", recipe, formats=("gguf",))
     c.save(tmp_path / "g", fmt="gguf")
@@ -201,15 +196,9 @@ def test_gguf_architectures(tmp_path, family, arch):
 def test_reload_where_family_init_or_ties_differ(tmp_path, family):
     """gpt_bigcode's _init_weights touches its MLP's weights (the dequantize flag is probed on a meta copy);
     roberta's head bias is tied to another parameter (frugal's reader accepts the alias)."""
-    import transformers
-
     from frugal.load.model import load_model
 
-    if not TOKENIZER.is_dir():
-        pytest.skip(f"{TOKENIZER}: shared tokenizer missing")
-    torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(tiny_config(family)).save_pretrained(tmp_path / "src")
-    transformers.AutoTokenizer.from_pretrained(TOKENIZER).save_pretrained(tmp_path / "src")
+    _save(tiny_config(family), tmp_path / "src")
     c = frugal.compress(tmp_path / "src", {**RECIPE, "method": "rtn"})
     c.save(tmp_path / "out")
     assert _kl_to_reload(c, tmp_path / "out") < 1e-3
@@ -220,13 +209,7 @@ def test_reload_where_family_init_or_ties_differ(tmp_path, family):
 def test_blocks_that_do_not_batch(tmp_path, caplog):
     """bloom's captured alibi is for batch 1: the engine probes it, calibrates one sequence per call (a
     warning says so), and the result is the one batch 1 gives; plain transformers reloads it."""
-    import transformers
-
-    if not TOKENIZER.is_dir():
-        pytest.skip(f"{TOKENIZER}: shared tokenizer missing")
-    torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(tiny_config("bloom")).save_pretrained(tmp_path / "src")
-    transformers.AutoTokenizer.from_pretrained(TOKENIZER).save_pretrained(tmp_path / "src")
+    _save(tiny_config("bloom"), tmp_path / "src")
     with caplog.at_level(logging.WARNING):
         c = frugal.compress(tmp_path / "src", RECIPE, CALIB_TEXT)
     assert "do not take a batch of sequences" in caplog.text

@@ -45,8 +45,8 @@ from frugal.config import as_recipe
 from frugal.errors import FrugalError
 from frugal.exporters.compressed_tensors import compressed_state_dict, quantization_config
 from frugal.exporters.hf import dedupe_tied, write_metadata
-from frugal.exporters import moe_layers
 from frugal.load.blocks import find_blocks, outside_linears
+from frugal.load.experts import moe_layers
 from frugal.load.model import load_tokenizer
 from frugal.load.lazy import Source, build_skeleton, fixed_mmap_threshold, load_outside, materialise, release
 
@@ -356,8 +356,9 @@ def compress_streaming(model: Any = None, recipe: Any = None, out: str | Path = 
     out = check_output_dir(out, overwrite, sources=(source, directory))
     src = Source(directory)
     skeleton = build_skeleton(directory)
-    if moe_layers(skeleton):
-        raise FrugalError(f"--stream: {directory} is a MoE model ({moe_layers(skeleton)[0]}); streaming does not "
+    experts = moe_layers(skeleton)
+    if experts:
+        raise FrugalError(f"--stream: {directory} is a MoE model ({experts[0]}); streaming does not "
                           f"take experts yet: compress it in memory (without --stream)")
     blocks_name, blocks = find_blocks(skeleton)
     recipe = fit_groups(skeleton, recipe)

@@ -2,9 +2,9 @@
 entry here; a module may also define `check(model, recipe)`, which raises FrugalError before any
 compression work when the format cannot hold what the recipe would produce for that model, and says
 what it holds: `HOLDS_GGML = True` for GGML grids (recipe.gguf_type), `ONE_SCHEME = "why"` when it
-cannot hold mixed precision (recipe.overrides), `HOLDS_EXPERTS = True` when it writes MoE experts. A module's `engines(recipe, out)` lists the `Engine`s
-that run its output (a `refusal` where this recipe's output cannot run there). The first entry is the
-default format."""
+cannot hold mixed precision (recipe.overrides), `HOLDS_EXPERTS = True` when it writes MoE experts. A
+module's `engines(recipe, out)` lists the `Engine`s that run its output (a `refusal` where this recipe's
+output cannot run there). The first entry is the default format."""
 
 from __future__ import annotations
 
@@ -52,6 +52,8 @@ def check(fmt: str, model, recipe) -> None:
                           f"which only --format {ggml_format()} can hold")
     if getattr(recipe, "overrides", ()) and getattr(module, "ONE_SCHEME", ""):
         raise FrugalError(f"--format {fmt}: {module.ONE_SCHEME}")
+    from frugal.load.experts import moe_layers
+
     experts = moe_layers(model)
     if experts and not getattr(module, "HOLDS_EXPERTS", False):
         raise FrugalError(f"--format {fmt}: MoE experts ({experts[0]}) are written by --format "
@@ -59,13 +61,6 @@ def check(fmt: str, model, recipe) -> None:
                           f"only, for now")
     if hasattr(module, "check"):
         module.check(model, recipe)
-
-
-def moe_layers(model) -> list[str]:
-    """Names of the model's MoE experts modules (fused or unfused by frugal.load.experts)."""
-    from frugal.load.experts import ExpertLinears, is_fused_experts
-
-    return [n for n, m in model.named_modules() if isinstance(m, ExpertLinears) or is_fused_experts(m)]
 
 
 def engines(fmt: str, recipe, out: str = "OUT") -> list[Engine]:

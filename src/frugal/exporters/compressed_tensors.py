@@ -132,9 +132,8 @@ def write(compressed: Any, directory: Any) -> None:
     dtype = compressed.storage_dtype()
     linears, quantized = checkpoint_linears(model, compressed.quantized)
     qc = quantization_config(quantized, linears)
-    if expert_groups(model):
-        qc["dequantize"] = True  # transformers 5 merges per-expert packed weights on its dequantize route only
-    if needs_dense_load(model, compressed.quantized):
+    # transformers 5 merges per-expert packed weights on its dequantize route only; and see needs_dense_load
+    if expert_groups(model) or needs_dense_load(model, compressed.quantized):
         qc["dequantize"] = True
     write_checkpoint(model, compressed.tokenizer, directory, compressed_state_dict(model, compressed.quantized, dtype),
                      qc, dtype)
@@ -146,29 +145,20 @@ def check(model: torch.nn.Module, recipe: Any) -> None:
     """Refuse asymmetric grids on MoE experts that would be written packed: transformers 5's loader merges
     per-expert packed weights without their zero points (its CompressedTensorsDequantize builds each expert
     from weight_packed, weight_scale and weight_shape only), so plain from_pretrained fails on them."""
+    import transformers
+
     from frugal.errors import FrugalError
+    from frugal.load.blocks import is_ignored
     from frugal.load.experts import expert_groups, layout
 
     for g, ex in expert_groups(model).items():
         name = f"{g}.0.{ex.in_proj}"
-        if recipe.gguf_type or recipe.scheme_for(name).symmetric or is_ignored_layer(name, recipe):
+        if recipe.gguf_type or recipe.scheme_for(name).symmetric or is_ignored(name, recipe.ignore):
             continue
         if all(p.single_expert is not None for p in layout(model, g, ex.in_proj)):
             raise FrugalError(f"{g}: asymmetric grids on MoE experts do not load in transformers "
-                              f"{_transformers_version()} (its per-expert dequantize has no zero points); "
+                              f"{transformers.__version__} (its per-expert dequantize has no zero points); "
                               f"use a symmetric grid (--sym)")
-
-
-def is_ignored_layer(name: str, recipe: Any) -> bool:
-    from frugal.load.blocks import is_ignored
-
-    return is_ignored(name, recipe.ignore)
-
-
-def _transformers_version() -> str:
-    import transformers
-
-    return transformers.__version__
 
 
 def _bits(recipe: Any) -> set[int]:

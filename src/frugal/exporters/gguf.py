@@ -75,8 +75,7 @@ def check(model, recipe) -> None:
 def _check_experts(model, cfg, arch) -> None:
     """MoE: the architecture must have llama.cpp expert tensors, the routing normalisation llama.cpp's graph
     hard-codes, and a per-expert checkpoint layout (which gives the gate and up rows of `gate_up_proj`)."""
-    from frugal.exporters import moe_layers
-    from frugal.load.experts import expert_groups, layout
+    from frugal.load.experts import expert_groups, layout, moe_layers
 
     if not moe_layers(model):
         return

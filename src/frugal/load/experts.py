@@ -96,6 +96,11 @@ def unfuse_experts(model: nn.Module) -> int:
     return len(found)
 
 
+def moe_layers(model: nn.Module) -> list[str]:
+    """Names of the model's MoE experts modules, fused (transformers') or unfused (ExpertLinears)."""
+    return [n for n, m in model.named_modules() if isinstance(m, ExpertLinears) or is_fused_experts(m)]
+
+
 def expert_groups(model: nn.Module) -> dict[str, ExpertLinears]:
     """Every ExpertLinears by its module name."""
     return {n: m for n, m in model.named_modules() if isinstance(m, ExpertLinears)}
@@ -183,7 +188,6 @@ def scatter_rows(part: Part, tensor: torch.Tensor, into: dict[int, torch.Tensor]
     for e in part.expert.unique().tolist():
         sel = part.expert == e
         into[e][part.row[sel]] = rows[sel].to(into[e].dtype)
-
 
 
 def row_slice(qw: Any, rows: torch.Tensor) -> Any:

@@ -223,9 +223,7 @@ def _from_packed_compressed(directory: Path, dtype: Any) -> Any:
         except KeyError as e:
             raise FrugalError(f"{directory}: the checkpoint lacks {e.args[0]}, which the architecture needs") from None
     missing, unexpected = model.load_state_dict(state, strict=False)
-    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
-    tied = {f"{n}.weight" for n, m in model.named_modules() if head is not None and m is head and head.weight is emb.weight}
-    missing = [k for k in missing if k not in tied and not _alias_loaded(model, k, state)]  # tied heads and biases
+    missing = [k for k in missing if k not in _tied_to_loaded(model, state)]  # tied heads (any name) and biases
     if missing:
         raise FrugalError(f"{directory}: the checkpoint lacks {missing[0]}, which the architecture needs")
     if unexpected:
@@ -233,12 +231,12 @@ def _from_packed_compressed(directory: Path, dtype: Any) -> Any:
     return model
 
 
-def _alias_loaded(model: Any, key: str, state: dict) -> bool:
-    """Whether parameter `key` is the same tensor as one the state dict does hold (tied: BERT-style heads'
-    `decoder.bias` is `predictions.bias`), so loading that one filled it."""
+def _tied_to_loaded(model: Any, state: dict) -> set[str]:
+    """Parameter names that are the same tensor as one the state dict holds (a tied head under any name,
+    BERT-style heads' `decoder.bias`, which is `predictions.bias`): loading that one filled them."""
     params = dict(model.named_parameters(remove_duplicate=False))
-    p = params.get(key)
-    return p is not None and any(q is p and n in state for n, q in params.items() if n != key)
+    loaded = {id(params[k]) for k in state if k in params}
+    return {n for n, p in params.items() if id(p) in loaded}
 
 
 def _from_pretrained(directory: Path, cfg: dict, dtype: Any, allow_pickle: bool) -> Any:

@@ -39,8 +39,9 @@ class Method:
     `h` is the (in, in) Hessian of the layer's inputs when `needs_hessian`, else None. `options` names the
     Recipe field holding the method's options dataclass. `clip`: whether recipe.clip applies; a method
     that refuses clip or GGML targets says why in `refusal`. Cost model for pre-flight: `work_bytes(out,
-    in)` temporaries of rounding one layer, `hessian_bytes(in)` per layer kept while its block runs. `no_hessian`: the method (registry name) that
-rounds a layer that needs a Hessian but saw no calibration tokens (compression.statistics).
+    in)` temporaries of rounding one layer, `hessian_bytes(in)` per layer kept while its block runs.
+    `no_hessian`: the method (registry name) that rounds a layer that needs a Hessian but saw no
+    calibration tokens (compression.statistics).
     """
 
     name: str
