@@ -19,10 +19,9 @@ from frugal.errors import FrugalError
 sys.path.insert(0, str(REPO / "bench"))
 from zoo import causal_families, tiny_config  # noqa: E402
 
-# Families whose decoder frugal cannot take yet, each with the one line it refuses with (issue 16 item 2:
-# GPT-2-style Conv1D layers store the weight transposed).
-REFUSED = {"gpt2": "no list of decoder blocks", "gpt-sw3": "no list of decoder blocks",
-           "openai-gpt": "no list of decoder blocks"}
+# Families whose decoder frugal cannot take yet, each with the one line it refuses with (none since GPT-2's
+# Conv1D layers became linear layers, load.linears).
+REFUSED: dict[str, str] = {}
 
 
 @pytest.mark.slow
@@ -32,7 +31,8 @@ def test_every_causal_family_finds_blocks_and_unfuses_experts():
     import transformers
 
     from frugal.load.blocks import find_blocks, quantizable_linears
-    from frugal.load.experts import ExpertLinears, is_fused_experts, unfuse_experts
+    from frugal.load.experts import ExpertLinears, is_fused_experts
+    from frugal.load.linears import as_linears, is_conv1d
 
     transformers.logging.set_verbosity_error()
     built, refused, moe = 0, {}, 0
@@ -43,8 +43,8 @@ def test_every_causal_family_finds_blocks_and_unfuses_experts():
         except Exception:
             continue  # the shrunk config is invalid for this family (bench/families.py lists them)
         built += 1
-        unfuse_experts(model)
-        assert not any(is_fused_experts(m) for m in model.modules()), mt
+        as_linears(model)
+        assert not any(is_fused_experts(m) or is_conv1d(m) for m in model.modules()), mt
         try:
             name, blocks = find_blocks(model)
             layers = quantizable_linears(model, ("lm_head",))
@@ -170,8 +170,14 @@ def test_linear_subclass_family_reloads(tmp_path):
     assert _kl_to_reload(c, tmp_path / "out") < 1e-3
 
 
+GGUF_ASSUMES = {"gemma2": {"query_pre_attn_scalar": 16}}  # what llama.cpp's graph assumes (see bench/gguf_families.py)
+
+
 @pytest.mark.parametrize("family, arch", [("gemma", "gemma"), ("phi3", "phi3"), ("olmo2", "olmo2"),
-                                          ("granite", "granite"), ("starcoder2", "starcoder2")])
+                                          ("granite", "granite"), ("starcoder2", "starcoder2"), ("gemma2", "gemma2"),
+                                          ("olmo", "olmo"), ("stablelm", "stablelm"), ("phi", "phi2"),
+                                          ("gpt_neox", "gptneox"), ("bloom", "bloom"), ("glm4", "glm4"),
+                                          ("gpt2", "gpt2")])
 def test_gguf_architectures(tmp_path, family, arch):
     """The GGUF records added for breadth: every quantized linear stored bit-exact as Q4_0 (symmetric grid,
     float16 scales), the right llama.cpp architecture and its keys (llama.cpp parity: bench/gguf_families.py)."""
@@ -179,7 +185,7 @@ def test_gguf_architectures(tmp_path, family, arch):
 
     from gguf import GGUFReader
 
-    _save(tiny_config(family), tmp_path / "src")
+    _save(tiny_config(family, **GGUF_ASSUMES.get(family, {})), tmp_path / "src")
     recipe = {"method": "rtn", "weights": {"bits": 4, "group_size": 32}, "storage": {"dtype": "float32", "scale_dtype": "float16"}}
     c = frugal.compress(tmp_path / "src", recipe, formats=("gguf",))
     c.save(tmp_path / "g", fmt="gguf")
@@ -217,5 +223,41 @@ def test_blocks_that_do_not_batch(tmp_path, caplog):
     one = frugal.compress(tmp_path / "src", {**RECIPE, "calibration": {**RECIPE["calibration"], "batch_size": 1}},
                           CALIB_TEXT)
     assert all(torch.equal(c.quantized[n].q, one.quantized[n].q) for n in c.quantized)
+    c.save(tmp_path / "out")
+    assert _kl_to_reload(c, tmp_path / "out") < 1e-3
+
+
+def test_dequantize_route_writes_one_scheme_per_kind(tmp_path, caplog):
+    """transformers' dequantize-at-load route (taken for zero points, MoE and some families) decodes every
+    dense layer with one config group's scheme: the most common scheme is written packed, a layer with
+    another (here 8-bit) as its dequantized weight, so plain from_pretrained gives frugal's model."""
+    import json
+
+    from safetensors import safe_open
+
+    src = _tiny("LlamaConfig", tmp_path / "src", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2)
+    recipe = {**RECIPE, "method": "rtn", "weights": {"bits": 4, "group_size": 32, "symmetric": False},
+              "overrides": [{"match": "*.0.mlp.down_proj", "weights": {"bits": 8, "group_size": 32, "symmetric": False}}]}
+    c = frugal.compress(src, recipe)
+    assert c.quantized["model.layers.0.mlp.down_proj"].bits == 8
+    with caplog.at_level(logging.WARNING):
+        c.save(tmp_path / "out")
+    assert "1 quantized layers (e.g. model.layers.0.mlp.down_proj) written dequantized" in caplog.text
+    qc = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert qc["dequantize"] is True and "model.layers.0.mlp.down_proj" in qc["ignore"]
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as st:
+        keys = set(st.keys())
+    assert "model.layers.0.mlp.down_proj.weight" in keys and "model.layers.1.mlp.down_proj.weight_packed" in keys
+    assert _kl_to_reload(c, tmp_path / "out") < 1e-6
+
+
+def test_narrow_layer_family_on_the_dequantize_route_reloads(tmp_path):
+    """mamba's dt_proj (4 inputs) takes a smaller group and mamba's own init needs the dequantize route:
+    the narrow layer is written dequantized and plain from_pretrained reproduces frugal's result."""
+    _save(tiny_config("mamba"), tmp_path / "src")
+    c = frugal.compress(tmp_path / "src", {**RECIPE, "method": "rtn"})
+    narrow = [n for n, qw in c.quantized.items() if qw.group_size != 32]
+    assert narrow and all(n.endswith("dt_proj") for n in narrow)
     c.save(tmp_path / "out")
     assert _kl_to_reload(c, tmp_path / "out") < 1e-3

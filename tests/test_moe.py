@@ -351,3 +351,14 @@ def test_analysis_covers_every_expert(runs):
     names = {l.name for l in analysis.layers}
     assert {f"model.layers.1.mlp.experts.{e}.down_proj" for e in range(8)} <= names
     assert not any(n.endswith("mlp.gate") for n in names)  # the router stays float
+    # routed frequency: every token goes to top-k experts, so a layer's shares sum to k; dense layers have none
+    from frugal.analysis.report import expert_table
+
+    k = frugal.load_model(src).model.config.num_experts_per_tok
+    for layer in (0, 1):
+        shares = [l.routed for l in analysis.layers if l.name.startswith(f"model.layers.{layer}.mlp.experts.")
+                  and l.name.endswith(".down_proj")]
+        assert len(shares) == 8 and sum(shares) == pytest.approx(k, abs=1e-9), (layer, shares)
+    assert all(l.routed is None for l in analysis.layers if ".experts." not in l.name)
+    headers, rows = expert_table(analysis)
+    assert [r[0] for r in rows] == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]

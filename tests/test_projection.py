@@ -50,7 +50,11 @@ def test_projection_runs_the_engine_on_one_block(config):
     stages = p.stage_seconds()
     assert p.blocks == 3 and p.narrowed == 1 and {"statistics", "solve", "re-run"} <= set(stages)
     assert all(t >= 0 for t in stages.values()) and p.seconds > 0
-    assert p.per_sequence["statistics"] > 0  # a pass over the data grows with the samples
+    # the line through the two measurements (the slope itself is a timing, too noisy on a shared machine
+    # to assert: bench/compress_speed.py measures it)
+    assert all(v >= 0 for v in p.per_sequence.values()) and set(p.per_sequence) == set(p.fixed)
+    s = p.stage_seconds()["statistics"]
+    assert s == pytest.approx(3 * (p.fixed["statistics"] + p.per_sequence["statistics"] * 16))
 
 
 def test_a_block_too_big_for_memory_is_measured_narrower(config):

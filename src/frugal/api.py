@@ -35,9 +35,9 @@ def _compress(model, tokenizer, source: str, recipe: Recipe, calibration: Any, f
     from frugal.compression.plan import check_plan, fit_groups
     from frugal.compression.transforms import Place
 
-    from frugal.load.experts import unfuse_experts
+    from frugal.load.linears import as_linears
 
-    if unfuse_experts(model):
+    if as_linears(model):
         log.info("MoE: every expert is quantized as its own matrix")
     recipe = fit_groups(model, recipe)
     check_plan(model, recipe, formats, calibration)
@@ -224,9 +224,9 @@ def sensitivity(model, source, tokenizer, ids, formats, measure, method: str = "
     from frugal.analysis.budget import analysis_method
     from frugal.calibrate import default_text, from_text
     from frugal.compression import methods
-    from frugal.load.experts import unfuse_experts
+    from frugal.load.linears import as_linears
 
-    unfuse_experts(model)  # MoE: each expert's sensitivity, as compression will round it (the same function)
+    as_linears(model)  # MoE experts and Conv1D: each layer's sensitivity, as compression will round it
     h_ids = None
     if methods.get(method, "--method").needs_hessian and hessian_samples:
         h_ids = from_text(tokenizer, default_text(), hessian_samples, 512, seed)

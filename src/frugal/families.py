@@ -17,7 +17,7 @@ relative to the block. This module imports nothing from frugal (nor torch), so a
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Callable
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,13 @@ class GGUFArch:
     moe_norm_topk: bool | None = None
     # llama.cpp sizes attn_k_norm to the full hidden width (OLMoE): as many key/value heads as query heads
     k_norm_full_width: bool = False
+    requires: tuple[tuple[str, Any], ...] = ()  # config (attribute, value) pairs llama.cpp's graph assumes
+    # the fused qkv layer whose rows come in key/value groups, each its query heads then one key and one
+    # value head (BLOOM, GPT-NeoX: one query head per group; Falcon): llama.cpp wants all q rows, then all
+    # k, then all v. `kv_heads(config)` gives the groups (default: one per attention head)
+    qkv_grouped: str = ""
+    kv_heads: Callable[[Any], int] | None = None
+    strip_prefix: str = ""  # removed from a tensor name gguf-py's name table lacks, to look it up again (BLOOM)
 
 
 @dataclass(frozen=True)
@@ -114,9 +121,19 @@ _PRE_LN = (("do_layer_norm_before", True),)  # OPT-350m normalises after the res
 _POST_NORMS = ("post-attention/post-feedforward norms act on sublayer outputs before the residual add, "
                "so the residual rotation cannot be fused")
 _GEMMA_NORM = Norm("rms", offset=1.0)
+_LAYER_NORM = "LayerNorm subtracts the mean, which does not commute with a rotation of the residual stream"
 
 _LLAMA = FamilyRecord("llama", awq=_LLAMA_AWQ, rotation=RotationLayout(), onnx=OnnxGraph(),
                       gguf=GGUFArch("llama", permute_qk=True))
+
+
+def _falcon_kv_heads(cfg: Any) -> int:
+    """Falcon's key/value heads: num_kv_heads with the new decoder, else one (multi_query) or one per head."""
+    if cfg.new_decoder_architecture:
+        return cfg.num_kv_heads
+    return 1 if cfg.multi_query else cfg.num_attention_heads
+
+
 _RECORDS = (
     _LLAMA,
     replace(_LLAMA, model_type="mistral"),
@@ -125,7 +142,8 @@ _RECORDS = (
     replace(_LLAMA, model_type="qwen3", onnx=OnnxGraph(qk_norm=True), gguf=GGUFArch("qwen3", tokenizer_pre="qwen2")),
     # the embedding is scaled by sqrt(hidden): a scalar, it commutes with the rotation
     FamilyRecord("gemma", norm=_GEMMA_NORM, rotation=RotationLayout(), gguf=GGUFArch("gemma")),
-    FamilyRecord("gemma2", norm=_GEMMA_NORM, rotation_refused=_POST_NORMS),
+    FamilyRecord("gemma2", norm=_GEMMA_NORM, rotation_refused=_POST_NORMS,
+                 gguf=GGUFArch("gemma2", scale_from_head_dim=True)),
     FamilyRecord("gemma3", norm=_GEMMA_NORM, rotation_refused=_POST_NORMS),
     FamilyRecord("gemma3_text", norm=_GEMMA_NORM, rotation_refused=_POST_NORMS,
                  awq=AWQLayout((_ATTN, _VO, ScalePair("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
@@ -146,8 +164,7 @@ _RECORDS = (
                                 ScalePair("self_attn.v_proj", ("self_attn.out_proj",)),
                                 ScalePair("final_layer_norm", ("fc1",), _PRE_LN),
                                 ScalePair("fc1", ("fc2",), (("activation_function", "relu"),)))),
-                 rotation_refused="LayerNorm subtracts the mean, which does not commute with a rotation of the "
-                                  "residual stream",
+                 rotation_refused=_LAYER_NORM,
                  roles=(("mlp_linear", ("fc1", "fc2")), ("mlp_act", ("activation_fn",)))),
 )
 # GGUF-only records: llama.cpp architectures whose tensors gguf-py's name tables map from transformers'.
@@ -156,8 +173,33 @@ _RECORDS += (
     FamilyRecord("olmo2", rotation_refused=_POST_NORMS, gguf=GGUFArch("olmo2")),
     FamilyRecord("granite", rotation_refused=_NOT_LAID_OUT, gguf=GGUFArch("granite", permute_qk=True)),
     FamilyRecord("starcoder2", norm=Norm("layer"), gguf=GGUFArch("starcoder2", tokenizer_pre="starcoder"),
-                 rotation_refused="LayerNorm subtracts the mean, which does not commute with a rotation of the "
-                                  "residual stream"),
+                 rotation_refused=_LAYER_NORM),
+    FamilyRecord("olmo", norm=Norm("layer"), rotation_refused=_LAYER_NORM,
+                 gguf=GGUFArch("olmo", permute_qk=True, tokenizer_pre="olmo")),
+    FamilyRecord("stablelm", norm=Norm("layer"), rotation_refused=_LAYER_NORM,
+                 gguf=GGUFArch("stablelm", tokenizer_pre="stablelm2", requires=(("qk_layernorm", False),))),
+    FamilyRecord("phi", norm=Norm("layer"), final=("model.final_layernorm",), rotation_refused=_LAYER_NORM,
+                 gguf=GGUFArch("phi2", requires=(("qk_layernorm", False),))),
+    FamilyRecord("gpt_neox", norm=Norm("layer"), final=("gpt_neox.final_layer_norm",), rotation_refused=_LAYER_NORM,
+                 gguf=GGUFArch("gptneox", qkv_grouped="attention.query_key_value")),
+    FamilyRecord("bloom", norm=Norm("layer"), final=("transformer.ln_f",), rotation_refused=_LAYER_NORM,
+                 gguf=GGUFArch("bloom", tokenizer_pre="bloom", qkv_grouped="self_attention.query_key_value",
+                               strip_prefix="transformer.")),
+    # GLM-4: fused gate_up_proj (llama.cpp's glm4 graph splits it), sandwich norms, partial interleaved rotary
+    FamilyRecord("glm4", rotation_refused=_POST_NORMS, gguf=GGUFArch("glm4", tokenizer_pre="glm4")),
+    # Falcon-7B style (one key/value head) and Falcon-40B style (new_decoder_architecture: kv groups, two norms)
+    FamilyRecord("falcon", norm=Norm("layer"), final=("transformer.ln_f",), rotation_refused=_LAYER_NORM,
+                 gguf=GGUFArch("falcon", tokenizer_pre="falcon", qkv_grouped="self_attention.query_key_value",
+                               kv_heads=_falcon_kv_heads, strip_prefix="transformer.",
+                               requires=(("alibi", False), ("parallel_attn", True), ("bias", False)))),
+    # GPT-2: Conv1D layers (load.linears), fused c_attn; AWQ scales what the two LayerNorms feed (GELU between
+    # c_fc and c_proj does not commute with a scale)
+    FamilyRecord("gpt2", norm=Norm("layer"), final=("transformer.ln_f",), rotation_refused=_LAYER_NORM,
+                 awq=AWQLayout((ScalePair("ln_1", ("attn.c_attn",)), ScalePair("ln_2", ("mlp.c_fc",))),
+                               no_clip=("attn.c_attn",)),
+                 gguf=GGUFArch("gpt2", tokenizer_pre="gpt-2",
+                               requires=(("activation_function", "gelu_new"), ("scale_attn_weights", True),
+                                         ("scale_attn_by_inverse_layer_idx", False)))),
 )
 
 # MoE families with Llama's attention: AWQ scales the attention only (the MoE input also feeds the float

@@ -36,7 +36,7 @@ from frugal.errors import FrugalError
 from frugal.families import final_modules
 
 log = logging.getLogger(__name__)
-ANALYSIS_VERSION = 1
+ANALYSIS_VERSION = 2  # 2: routed share of MoE experts
 # final norm (and projection) before the output head, of every family (FamilyRecord.final)
 FINAL = final_modules()
 
@@ -112,6 +112,7 @@ class LayerSensitivity:
     proxy: dict[str, float] = field(default_factory=dict)  # candidate -> tr(dW H dW^T) / n
     kl: dict[str, float] = field(default_factory=dict)  # candidate -> measured KL (nats/token)
     amplification: float | None = None  # c_L
+    routed: float | None = None  # MoE expert layers: the share of the calibration tokens routed to it
 
     def damage(self, cand: str) -> float:
         """Measured KL if there is one, else c_L * proxy."""
@@ -159,6 +160,7 @@ class TailRunner:
                     hooks.end_sample()
                 self.inputs.append(outs)
         self.hessians = layer_hessians(hooks.hessians, layers)
+        self.tokens = {n: hooks.hessians[n].n if n in hooks.hessians else 0 for n in layers}  # rows each layer saw
         del hooks
         self.head = _head(model)
         self.ref = [F.log_softmax(self.head(x)[0].float(), dim=-1) for x in self.inputs[-1]]  # (L, V) each
@@ -280,6 +282,7 @@ def analyze(model: nn.Module, samples: torch.Tensor, candidates: list[str], meas
                                      gptq if hessian_aware else None))
             bar.update()
     bar.close()
+    _routed_shares(model, layers, runner.tokens, samples.numel())
     _amplify(layers, measure[0])
     seconds = {"cache_and_hessians": t1 - t0, "layers": time.perf_counter() - t1}
     calib = {"num_samples": samples.shape[0], "seq_len": samples.shape[1], "check_every": check_every,
@@ -288,6 +291,16 @@ def analyze(model: nn.Module, samples: torch.Tensor, candidates: list[str], meas
         calib["hessian_samples"] = list(hessian_samples.shape)
     return Analysis(ANALYSIS_VERSION, list(cands), list(measure), layers, _agreement(layers, measure), seconds,
                     calib)
+
+
+def _routed_shares(model: nn.Module, layers: list[LayerSensitivity], tokens: dict[str, int], total: int) -> None:
+    """Each MoE expert layer's share of the calibration tokens (the rows its hook saw over all tokens)."""
+    from frugal.load.experts import expert_groups, is_expert_layer
+
+    groups = expert_groups(model)
+    for ls in layers:
+        if groups and is_expert_layer(ls.name, groups) is not None:
+            ls.routed = tokens.get(ls.name, 0) / max(total, 1)
 
 
 @torch.no_grad()

@@ -55,6 +55,22 @@ def top_layers(a: Analysis, cand: str, n: int = 10) -> tuple[list[str], list[tup
         for ls in ranked]
 
 
+def expert_table(a: Analysis) -> tuple[list[str], list[tuple]]:
+    """Per MoE layer: its experts' routed shares of the calibration tokens (from each expert's first
+    projection), the least and most routed, and how many experts no token reached."""
+    by_group: dict[str, dict[str, float]] = {}
+    for ls in a.layers:
+        if ls.routed is not None:
+            group, _, rest = ls.name.rpartition(".")[0].rpartition(".")
+            by_group.setdefault(group, {}).setdefault(rest, ls.routed)  # the first projection's share
+    rows = []
+    for group, shares in by_group.items():
+        lo, hi = min(shares, key=shares.get), max(shares, key=shares.get)
+        rows.append((group, len(shares), sum(v == 0 for v in shares.values()),
+                     f"{100 * shares[lo]:.1f} % (expert {lo})", f"{100 * shares[hi]:.1f} % (expert {hi})"))
+    return ["MoE layer", "experts", "never routed", "least routed", "most routed"], rows
+
+
 def write(a: Analysis, directory: Path) -> None:
     directory = Path(directory)
     (directory / "analysis.json").write_text(json.dumps(a.to_dict(), indent=1, sort_keys=True) + "\n")

@@ -11,7 +11,7 @@ def cmd_analyze(a: argparse.Namespace) -> int:
     from frugal.calibrate import default_text, from_text
     from frugal.load.model import load_model
     from frugal.report.table import table
-    from frugal.analysis.report import format_table, top_layers, write
+    from frugal.analysis.report import expert_table, format_table, top_layers, write
 
     out = Path(a.output) if a.output else None
     if out:
@@ -27,6 +27,10 @@ def cmd_analyze(a: argparse.Namespace) -> int:
     print(table(*format_table(analysis)))
     print()
     print(table(*top_layers(analysis, analysis.measured[0])))
+    experts = expert_table(analysis)
+    if experts[1]:  # a MoE model: routed frequency per expert (each expert layer's `routed` in analysis.json)
+        print()
+        print(table(*experts))
     secs = analysis.seconds
     print(f"\nanalysis time: {secs['cache_and_hessians'] + secs['layers']:.0f} s"
           f"{' (cached result)' if cached else ''}; {len(analysis.layers)} layers, "

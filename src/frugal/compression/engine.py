@@ -25,7 +25,8 @@ from frugal.compression.hooks import HessianHooks, capture_block_inputs, feed_ba
 from frugal.compression.inplace import assign
 from frugal.compression.transforms.base import BlockContext, Place
 from frugal.load.blocks import block_linears, find_blocks, outside_linears
-from frugal.load.experts import ExpertLinears, unfuse_experts
+from frugal.load.experts import ExpertLinears
+from frugal.load.linears import as_linears
 from frugal.load.lazy import fixed_mmap_threshold
 from frugal.config import Recipe
 from frugal.errors import FrugalError
@@ -215,8 +216,14 @@ def _calibrated_blocks(model, blocks_name, blocks, recipe, samples, quantized, r
         if float_hidden is not None:
             with stage("float targets"):
                 targets = run_batched(block, float_hidden, inputs.args, kw, recipe.calibration.batch_size)
-        q, r, inputs.hidden = quantize_block(block, f"{blocks_name}.{i}", recipe, inputs.hidden, inputs.args, kw,
-                                             ggml_types, targets)
+        try:
+            q, r, inputs.hidden = quantize_block(block, f"{blocks_name}.{i}", recipe, inputs.hidden, inputs.args, kw,
+                                                 ggml_types, targets)
+        except (KeyError, IndexError, TypeError, ValueError) as e:  # the family's own forward, run out of its loop
+            log.debug("block %s.%d", blocks_name, i, exc_info=True)
+            raise FrugalError(f"{type(model).__name__}: block {blocks_name}.{i} fails when run on its own with the "
+                              f"arguments its decoder passed ({type(e).__name__}: {str(e)[:80]}); frugal's block-by-"
+                              f"block calibration does not support this decoder (RTN without calibration may)") from e
         float_hidden = targets
         quantized.update(q)
         reports.update(r)
@@ -297,7 +304,7 @@ def compress_model(
     """Quantize `model` in place following `recipe` (checked by compression.plan.check_plan); `samples` are
     (n, seq) calibration token ids. MODEL-place transforms have already run (frugal.compress)."""
     fixed_mmap_threshold()  # large temporaries go back to the system when freed (as when streaming)
-    unfuse_experts(model)  # each MoE expert its own linear layers (idempotent; frugal.compress did it)
+    as_linears(model)  # each MoE expert and Conv1D an nn.Linear (idempotent; frugal.compress did it)
     blocks_name, blocks = find_blocks(model)
     quantized: dict[str, QuantizedWeight] = {}
     reports: dict[str, LayerReport] = {}

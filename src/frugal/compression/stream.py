@@ -43,7 +43,8 @@ from frugal.compression.workdir import (MANIFEST, SlotFile, SlotWriter, fingerpr
                                         save_shard, write_json, write_slots)
 from frugal.config import as_recipe
 from frugal.errors import FrugalError
-from frugal.exporters.compressed_tensors import compressed_state_dict, quantization_config
+from frugal.exporters.compressed_tensors import (compressed_state_dict, dequantize_route, one_scheme_each,
+                                                 quantization_config)
 from frugal.exporters.hf import dedupe_tied, write_metadata
 from frugal.load.blocks import find_blocks, outside_linears
 from frugal.load.experts import moe_layers
@@ -298,7 +299,15 @@ def _finish(job: _Job, samples, outputs, tokenizer, report_args: tuple) -> None:
     reports = {**layer_reports(dict(job.manifest["layers"])), **outside_reports}
     schemes = {n: _Scheme(r.bits, r.group_size, None if r.symmetric else True) for n, r in reports.items()}
     linears = [n for n, m in job.model.named_modules() if isinstance(m, nn.Linear)]
-    _write_metadata(job.model, tokenizer, job.shard_dir, quantization_config(schemes, linears), job.recipe.cast_dtype())
+    dense_route = dequantize_route(job.model, schemes)
+    qc = quantization_config(schemes, linears, dense_first=dense_route)
+    if dense_route:
+        qc["dequantize"] = True
+        if len(one_scheme_each(job.model, schemes)) < len(schemes):  # the shards are written: say so
+            log.warning("plain transformers cannot load this streamed output (its dequantize-at-load route reads one "
+                        "scheme per kind of layer; this one has more): load it with frugal.load_model, or compress "
+                        "in memory, which writes such layers dequantized")
+    _write_metadata(job.model, tokenizer, job.shard_dir, qc, job.recipe.cast_dtype())
     report = CompressionReport(job.recipe, *report_args, layers=reports)
     (job.shard_dir / "frugal.json").write_text(json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n")
     job.progress("finish", len(job.blocks))

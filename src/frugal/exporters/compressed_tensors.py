@@ -10,11 +10,14 @@ The packing itself is the compressed-tensors library's, so the writer and its lo
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 
 from frugal.quant.grid import QuantizedWeight
+
+log = logging.getLogger(__name__)
 
 HOLDS_EXPERTS = True  # MoE experts under the checkpoint's own names (load.experts.to_checkpoint)
 
@@ -32,8 +35,12 @@ def scheme_args(qw: QuantizedWeight) -> dict[str, Any]:
     }
 
 
-def quantization_config(quantized: dict[str, QuantizedWeight], all_linears: list[str]) -> dict[str, Any]:
-    """config.json `quantization_config`: one config group per distinct scheme, by layer name."""
+def quantization_config(quantized: dict[str, QuantizedWeight], all_linears: list[str],
+                        dense_first: bool = False) -> dict[str, Any]:
+    """config.json `quantization_config`: one config group per distinct scheme, by layer name; `dense_first`
+    (at most one scheme for the dense layers and one for the MoE experts, see `one_scheme_each`): the dense
+    layers' group first, targeting the class `Linear`, which transformers' dequantize route reads as the
+    dense scheme and vLLM matches after the experts' by-name targets."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
     groups: dict[str, list[str]] = {}
@@ -44,9 +51,12 @@ def quantization_config(quantized: dict[str, QuantizedWeight], all_linears: list
         groups.setdefault(key, []).append(name)
         args_of[key] = a
     single = len(groups) == 1
+    if dense_first and not single:  # the group without experts first
+        groups = dict(sorted(groups.items(), key=lambda kv: any(".experts." in n for n in kv[1])))
     config_groups = {}
     for i, (key, names) in enumerate(groups.items()):
-        targets = ["Linear"] if single else [f"re:^{n.replace('.', '[.]')}$" for n in names]
+        by_class = single or (dense_first and i == 0)
+        targets = ["Linear"] if by_class else [f"re:^{n.replace('.', '[.]')}$" for n in names]
         config_groups[f"group_{i}"] = QuantizationScheme(targets=targets, weights=QuantizationArgs(**args_of[key]))
     ignore = [n for n in all_linears if n not in quantized]
     qc = QuantizationConfig(config_groups=config_groups, format="pack-quantized",
@@ -95,6 +105,51 @@ def checkpoint_linears(model: torch.nn.Module, quantized: dict[str, QuantizedWei
     return linears + expert_linears, quantized
 
 
+def dequantize_route(model: torch.nn.Module, quantized: dict) -> bool:
+    """Whether the checkpoint must send plain from_pretrained down transformers' dequantize-at-load route:
+    MoE experts (it merges per-expert packed weights there only), zero points (its compressed route cannot
+    load them), families whose own init touches quantized weights (`needs_dense_load`), and packed Conv1D
+    layers (there transformers refuses their shapes instead of initialising them at random; warned)."""
+    from frugal.load.experts import expert_groups
+
+    if has_packed_conv1d(model, quantized):
+        log.warning("%s: plain transformers cannot load packed Conv1D layers (compressed-tensors quantizes nn.Linear "
+                    "only); load this directory with frugal.load_model, or export GGUF", type(model).__name__)
+        return True
+    return bool(expert_groups(model)) or any(qw.zero_point is not None for qw in quantized.values()) \
+        or needs_dense_load(model, quantized)
+
+
+def has_packed_conv1d(model: torch.nn.Module, quantized: dict) -> bool:
+    """Whether a quantized layer is a Conv1D in its checkpoint (load.linears.TransposedLinear)."""
+    from frugal.load.linears import TransposedLinear
+
+    return any(isinstance(m, TransposedLinear) for n, m in model.named_modules() if n in quantized)
+
+
+def one_scheme_each(model: torch.nn.Module, quantized: dict[str, QuantizedWeight]) -> dict[str, QuantizedWeight]:
+    """The layers to write packed on transformers' dequantize-at-load route: it decodes every dense layer
+    with one config group's scheme and every MoE expert with one (`get_dense_scheme`/`get_experts_scheme`,
+    transformers 5.24), so per kind the most common scheme is written packed and a layer with another one
+    (a narrow layer's smaller group, a mixed-precision layer) is written as its dequantized weight, which
+    every loader reads as it is."""
+    from collections import Counter
+
+    from frugal.load.experts import expert_groups, is_expert_layer
+
+    groups = expert_groups(model)
+    kinds = {n: is_expert_layer(n, groups) is not None for n in quantized}
+    key = {n: repr(sorted(scheme_args(qw).items())) for n, qw in quantized.items()}
+    keep: dict[str, QuantizedWeight] = {}
+    for expert in (False, True):
+        names = [n for n in quantized if kinds[n] == expert]
+        if not names:
+            continue
+        common = Counter(key[n] for n in names).most_common(1)[0][0]
+        keep |= {n: quantized[n] for n in names if key[n] == common}
+    return keep
+
+
 def needs_dense_load(model: torch.nn.Module, quantized: dict) -> bool:
     """Whether plain from_pretrained must take transformers' dequantize-at-load route: its compressed route
     removes each quantized layer's `.weight`, and some families' own `_init_weights` touch it (falcon's
@@ -126,17 +181,22 @@ def write(compressed: Any, directory: Any) -> None:
     import json
 
     from frugal.exporters.hf import write_checkpoint
-    from frugal.load.experts import expert_groups
 
     model = compressed.model
     dtype = compressed.storage_dtype()
-    linears, quantized = checkpoint_linears(model, compressed.quantized)
-    qc = quantization_config(quantized, linears)
-    # transformers 5 merges per-expert packed weights on its dequantize route only; and see needs_dense_load
-    if expert_groups(model) or needs_dense_load(model, compressed.quantized):
+    packed = compressed.quantized
+    dense_route = dequantize_route(model, packed)
+    if dense_route:
+        packed = one_scheme_each(model, packed)
+        loose = [n for n in compressed.quantized if n not in packed]
+        if loose:
+            log.warning("%d quantized layers (e.g. %s) written dequantized: transformers' dequantize-at-load route "
+                        "reads one scheme per kind of layer and theirs differs", len(loose), loose[0])
+    linears, quantized = checkpoint_linears(model, packed)
+    qc = quantization_config(quantized, linears, dense_first=dense_route)
+    if dense_route:
         qc["dequantize"] = True
-    write_checkpoint(model, compressed.tokenizer, directory, compressed_state_dict(model, compressed.quantized, dtype),
-                     qc, dtype)
+    write_checkpoint(model, compressed.tokenizer, directory, compressed_state_dict(model, packed, dtype), qc, dtype)
     report = json.dumps(compressed.report.to_dict(), indent=2, sort_keys=True) + "\n"
     (directory / "frugal.json").write_text(report)
 

@@ -53,12 +53,16 @@ def check(model, recipe) -> None:
     cfg = _text_config(model)
     arch = arch_of(model).gguf
     scaling = getattr(cfg, "rope_scaling", None) or {}
+    for key, value in arch.requires:
+        if getattr(cfg, key, value) != value:
+            raise FrugalError(f"--format gguf: {cfg.model_type} with {key}={getattr(cfg, key)!r}: llama.cpp's "
+                              f"{arch.arch} graph assumes {value!r}")
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type not in arch.rope_types:
         raise FrugalError(f"--format gguf: rope scaling '{rope_type}' of {cfg.model_type} is not supported")
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     if arch.scale_from_head_dim and cfg.query_pre_attn_scalar != head_dim:
-        raise FrugalError(f"--format gguf: gemma3 query_pre_attn_scalar={cfg.query_pre_attn_scalar} differs from "
+        raise FrugalError(f"--format gguf: {cfg.model_type} query_pre_attn_scalar={cfg.query_pre_attn_scalar} differs from "
                           f"head_dim={head_dim}; llama.cpp derives the attention scale from head_dim")
     if arch.k_norm_full_width and cfg.num_key_value_heads != cfg.num_attention_heads:
         raise FrugalError(f"--format gguf: llama.cpp's {arch.arch} takes no grouped-query attention (num_key_value_heads "
@@ -160,6 +164,15 @@ def _permute_rows(n_heads: int, rows: int) -> torch.Tensor:
     return torch.arange(rows).reshape(n_heads, 2, half).transpose(1, 2).reshape(-1)
 
 
+def _qkv_rows(cfg, arch, rows: int) -> torch.Tensor:
+    """Row order llama.cpp expects of a fused qkv stored in key/value groups (GGUFArch.qkv_grouped): every
+    group's query rows, then every key row, then every value row."""
+    n_head = cfg.num_attention_heads
+    n_kv = arch.kv_heads(cfg) if arch.kv_heads else n_head
+    groups = torch.arange(rows).reshape(n_kv, n_head // n_kv + 2, -1)  # (kv groups, q heads + k + v, head_dim)
+    return torch.cat([groups[:, :-2].reshape(-1), groups[:, -2].reshape(-1), groups[:, -1].reshape(-1)])
+
+
 def _take_rows(gw: GGMLWeight, idx: torch.Tensor) -> GGMLWeight:
     return GGMLWeight(gw.type, gw.q[idx], gw.scale[idx], None if gw.offset is None else gw.offset[idx],
                       {k: v[idx] for k, v in gw.fields.items()})
@@ -183,6 +196,8 @@ def _gguf_tensor(hf_name: str, t: torch.Tensor, qw, fam: FamilyRecord, cfg,
     if fam.gguf.permute_qk and module.endswith(("q_proj", "k_proj")):
         heads = cfg.num_attention_heads if module.endswith("q_proj") else cfg.num_key_value_heads
         idx = _permute_rows(heads, t.shape[0])
+    elif fam.gguf.qkv_grouped and module.endswith(fam.gguf.qkv_grouped):
+        idx = _qkv_rows(cfg, fam.gguf, t.shape[0])
     if qw is not None:
         gw = _as_ggml(qw)
         record = {"type": gw.type, **_rel(gw.dequantize(), qw.dequantize())}
@@ -207,6 +222,7 @@ def _tensors(model, quantized: dict, fam: FamilyRecord, cfg,
     from frugal.exporters.hf import dedupe_tied
 
     from frugal.load.experts import expert_groups, is_expert_layer
+    from frugal.load.linears import linear_layout
 
     names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, fam.gguf.arch.upper()), cfg.num_hidden_layers)
     groups = expert_groups(model)
@@ -215,12 +231,15 @@ def _tensors(model, quantized: dict, fam: FamilyRecord, cfg,
         if groups and is_expert_layer(hf_name.rsplit(".", 1)[0], groups):
             continue  # stacked above
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None and fam.gguf.strip_prefix:
+            name = names.get_name(hf_name.removeprefix(fam.gguf.strip_prefix), try_suffixes=(".weight", ".bias"))
         if name is not None and ".ffn_gate_inp" in name:  # routers stay float32, as llama.cpp's converter keeps them
             out.append((name, t.detach().float().numpy(), None, {"type": "F32", "exact": True, "rel_error": 0.0}))
             continue
         if name is None:
             raise FrugalError(f"--format gguf: no GGUF name for tensor {hf_name}")
         qw = quantized.get(hf_name.rsplit(".", 1)[0]) if hf_name.endswith(".weight") else None
+        t = linear_layout(model, hf_name, t)  # a Conv1D's (in, out) state-dict tensor as llama.cpp's (out, in)
         out.append((name, *_gguf_tensor(hf_name, t, qw, fam, cfg, float_type)))
     return out
 
@@ -236,26 +255,49 @@ def _rope_theta(cfg, layer_type: str = "full_attention") -> float:
     return float(params.get("rope_theta", 10000.0))
 
 
+def _rotary_fraction(cfg) -> float:
+    """The share of each head's dimensions that rotary embedding turns (partial rotary: Phi-2, StableLM, NeoX)."""
+    params = getattr(cfg, "rope_parameters", None) or {}
+    for value in (params.get("partial_rotary_factor") if isinstance(params, dict) else None,
+                  getattr(cfg, "partial_rotary_factor", None), getattr(cfg, "rotary_pct", None)):
+        if value is not None:
+            return float(value)
+    return 1.0
+
+
 def _add_hparams(w, cfg, fam: FamilyRecord) -> None:
     """The architecture block of the GGUF header, from the Hugging Face config."""
     arch = fam.gguf.arch
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    w.add_context_length(cfg.max_position_embeddings)
+    w.add_context_length(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "seq_length", None)
+                         or 2048)  # BLOOM (ALiBi) has no position limit in its config
     w.add_embedding_length(cfg.hidden_size)
     w.add_block_count(cfg.num_hidden_layers)
-    w.add_feed_forward_length(cfg.intermediate_size)
+    ffn = next((getattr(cfg, k) for k in ("intermediate_size", "ffn_hidden_size", "n_inner") if getattr(cfg, k, None)),
+               4 * cfg.hidden_size)  # Falcon: ffn_hidden_size; GPT-2: n_inner, None meaning 4 * hidden
+    w.add_feed_forward_length(ffn)
     w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
+    kv = fam.gguf.kv_heads(cfg) if fam.gguf.kv_heads else getattr(cfg, "num_key_value_heads", None)
+    w.add_head_count_kv(kv or cfg.num_attention_heads)
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
-    w.add_rope_dimension_count(head_dim)
+    w.add_rope_dimension_count(int(_rotary_fraction(cfg) * head_dim))
     w.add_rope_freq_base(_rope_theta(cfg))
     if fam.norm.kind == "layer":
-        w.add_layer_norm_eps(next(getattr(cfg, k) for k in ("norm_epsilon", "layer_norm_eps", "rms_norm_eps")
-                                  if getattr(cfg, k, None) is not None))
+        w.add_layer_norm_eps(next((getattr(cfg, k) for k in ("norm_epsilon", "layer_norm_eps", "layer_norm_epsilon",
+                                                              "rms_norm_eps") if getattr(cfg, k, None) is not None),
+                                  1e-5))  # OLMo's parameter-free LayerNorm: 1e-5, fixed
     else:
         w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_vocab_size(cfg.vocab_size)
+    if getattr(cfg, "use_parallel_residual", None) is not None:  # GPT-NeoX, StableLM
+        w.add_parallel_residual(bool(cfg.use_parallel_residual))
+    if getattr(cfg, "clip_qkv", None) is not None:  # OLMo
+        w.add_clamp_kqv(float(cfg.clip_qkv))
+    if arch == "gemma2":
+        w.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
+        w.add_final_logit_softcapping(cfg.final_logit_softcapping)
+        w.add_sliding_window(cfg.sliding_window)
     if arch == "granite":  # Granite's multipliers, which llama.cpp's granite graph applies
         w.add_attention_scale(cfg.attention_multiplier)
         w.add_embedding_scale(cfg.embedding_multiplier)
@@ -342,13 +384,14 @@ def write_gguf(path: Path, model, tokenizer, quantized: dict, source: str = "", 
 
     import copy
 
-    from frugal.load.experts import is_fused_experts, unfuse_experts
+    from frugal.load.experts import is_fused_experts
+    from frugal.load.linears import as_linears, is_conv1d
 
     cfg = _text_config(model)
     fam = arch_of(model)
-    if any(is_fused_experts(m) for m in model.modules()):  # MoE: per-expert tensors to stack, on a copy
-        model = copy.deepcopy(model)  # (the caller's model keeps its fused experts: save_pretrained needs them)
-        unfuse_experts(model)
+    if any(is_fused_experts(m) or is_conv1d(m) for m in model.modules()):  # per-expert / (out, in) tensors
+        model = copy.deepcopy(model)  # on a copy: the caller's model keeps its layout (save_pretrained needs it)
+        as_linears(model)
     tensors = sorted(_tensors(model, quantized, fam, cfg, float_type), key=_tensor_order)
     w = gguf.GGUFWriter(str(path), fam.gguf.arch)
     w.add_name(Path(source).stem or "model")

@@ -23,6 +23,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from frugal.load.modules import replace_modules
+
 log = logging.getLogger(__name__)
 
 _INTERFACE = ("has_gate", "is_transposed", "num_experts")
@@ -89,11 +91,7 @@ class ExpertLinears(nn.Module):
 
 def unfuse_experts(model: nn.Module) -> int:
     """Replace every fused experts module of `model` by an ExpertLinears (in place); how many."""
-    found = [(name, mod) for name, mod in model.named_modules() if is_fused_experts(mod)]
-    for name, mod in found:
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, ExpertLinears(mod))
-    return len(found)
+    return replace_modules(model, is_fused_experts, ExpertLinears)
 
 
 def moe_layers(model: nn.Module) -> list[str]:

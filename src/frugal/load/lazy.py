@@ -16,6 +16,7 @@ import torch.nn as nn
 from frugal.compression.preflight import DTYPE_CODES, checkpoint_tensors, read_header
 from frugal.errors import FrugalError
 from frugal.load.finite import check_finite
+from frugal.load.linears import TransposedLinear, conv1d_as_linear
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ def build_skeleton(directory: Path) -> nn.Module:
     except Exception as e:
         reason = str(e).splitlines()[0][:200]
         raise FrugalError(f"{directory}: transformers cannot build this model ({reason})") from None
+    conv1d_as_linear(model)  # GPT-2 style Conv1D as linear layers; materialise transposes their weights
     return model.eval()
 
 
@@ -92,7 +94,9 @@ def materialise(root: nn.Module, prefix: str, src: Source) -> None:
     tensors = src.read([full for full in names.values() if full in src.tensors])
     for n, full in names.items():
         if full in tensors:
-            set_tensor(root, n, tensors[full])
+            owner = root.get_submodule(n.rpartition(".")[0])
+            t = tensors[full]
+            set_tensor(root, n, t.t().contiguous() if isinstance(owner, TransposedLinear) and n.rpartition(".")[2] == "weight" else t)
     missing = [names[n] for n, p in root.named_parameters() if p.is_meta]
     if missing:
         raise FrugalError(f"{src.directory}: tensor {missing[0]} is not in the checkpoint files")

@@ -205,7 +205,8 @@ def _from_packed_compressed(directory: Path, dtype: Any) -> Any:
     from safetensors import safe_open
 
     from frugal.load.compressed import read_compressed_tensors
-    from frugal.load.experts import from_checkpoint, unfuse_experts
+    from frugal.load.experts import from_checkpoint
+    from frugal.load.linears import as_linears, checkpoint_layout
 
     config = transformers.AutoConfig.from_pretrained(directory)
     if hasattr(config, "quantization_config"):
@@ -216,8 +217,10 @@ def _from_packed_compressed(directory: Path, dtype: Any) -> Any:
     for f in sorted(directory.glob("*.safetensors")):
         with safe_open(str(f), "pt") as st:
             state.update({k: st.get_tensor(k) for k in st.keys() if not k.endswith(packed)})
-    state.update({f"{n}.weight": qw.dequantize(dtype) for n, qw in read_compressed_tensors(directory).items()})
-    if unfuse_experts(model):  # MoE: each expert's weights from the checkpoint's names into its own linears
+    moe = as_linears(model)
+    state.update({f"{n}.weight": checkpoint_layout(model, n, qw.dequantize(dtype))  # as the state dict holds it
+                  for n, qw in read_compressed_tensors(directory).items()})
+    if moe:  # MoE: each expert's weights from the checkpoint's names into its own linears
         try:
             state = from_checkpoint(model, state)
         except KeyError as e:

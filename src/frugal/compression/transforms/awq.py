@@ -39,7 +39,7 @@ def _family(model_type: str | None, where: str) -> FamilyRecord:
     record = family(model_type)
     if record is None or record.awq is None:
         raise FrugalError(f"{where}: AWQ does not know the model family {model_type!r} "
-                          f"(known: {', '.join(sorted(supporting('awq')))})")
+                          f"(known: {', '.join(sorted(supporting('awq')))}); --no-awq compresses without it")
     return record
 
 
