@@ -4,7 +4,8 @@ T_fwd: the fastest plain forward of the calibration set through the float model'
 (best of batch 1/8/32, float32 and bfloat16 autocast, each measured twice: before and after the
 compressions). Then each frugal recipe (bench/peers/run_frugal.py, the peer-protocol runner) and, with
 --baseline REF, the same runner on the frugal sources of git revision REF (a worktree under bench/.work),
-alternating this tree and the baseline per recipe; the peers' GPTQ (llm-compressor, GPTQModel, their own
+alternating this tree and the baseline per recipe (`--repeats N`: N rounds, every other one backwards, the
+fastest of each reported); the peers' GPTQ (llm-compressor, GPTQModel, their own
 venvs from bench/peers.py) on the same calibration ids. Reported: each run's quantization wall time, its
 ratio to T_fwd, frugal's stage times, the speed-up over the baseline and whether its saved tensors are the
 same bytes.
@@ -104,6 +105,20 @@ def run_one(key: str, orig: Path, src: Path, calib: Path, a, tag: str, frugal_sr
     return rec
 
 
+def fastest_runs(done: dict[tuple[str, str], list[dict]], failed: dict[str, str]) -> dict:
+    """Per recipe: its fastest run of this tree and of the baseline (each run's seconds kept in `all_seconds`)
+    and whether the two saved the same bytes."""
+    runs: dict = {}
+    for (key, tag), recs in done.items():
+        ok = [r for r in recs if r.get("quant_seconds")]
+        best = min(ok, key=lambda r: r["quant_seconds"]) if ok else recs[-1]
+        runs.setdefault(key, {})[tag] = best | {"all_seconds": [r.get("quant_seconds") for r in recs]}
+    for key, rec in runs.items():
+        if "baseline" in rec:
+            rec["same_bytes"] = same_bytes(rec["this"], rec["baseline"])
+    return runs | {key: {"this": {"error": why}} for key, why in failed.items()}
+
+
 def same_bytes(a: dict, b: dict) -> bool | None:
     """Whether two runs' saved safetensors hold the same tensors bit for bit (None if either is missing)."""
     import torch
@@ -136,6 +151,9 @@ def table(fwd: dict, runs: dict, a) -> str:
         base = rec.get("baseline", {}).get("quant_seconds")
         stages = ", ".join(f"{k} {v:.0f}" for k, v in (rec["this"].get("stages") or {}).items())
         same = rec.get("same_bytes")
+        if len(rec["this"].get("all_seconds", [])) > 1:
+            stages += f" (best of {', '.join(_s(x) for x in rec['this']['all_seconds'])}" + (
+                f"; baseline {', '.join(_s(x) for x in rec['baseline']['all_seconds'])})" if "baseline" in rec else ")")
         lines.append(f"| {key} | {_s(q)} | {f'{q / t_fwd:.2f}' if q else ''} | {_s(base)} | "
                      f"{f'{base / q:.2f}x' if q and base else ''} | {'' if same is None else 'yes' if same else 'no'} | "
                      f"{stages or rec['this'].get('error', '')} |")
@@ -159,6 +177,8 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=60, help="minutes per run")
     ap.add_argument("--scale-dtype", default="bfloat16", help="frugal's weights.scale_dtype in every run (default "
                     "bfloat16, which frugal before recipe version 3 stored by default)")
+    ap.add_argument("--repeats", type=int, default=1, help="rounds of every run, alternately forwards and backwards "
+                    "(the fastest of each is reported)")
     ap.add_argument("--no-docs", action="store_true")
     a = ap.parse_args()
     a.quick, a.autoround_iters, a.autoround_timeout = False, None, None
@@ -176,15 +196,22 @@ def main() -> None:
     fwd: dict = {}
     measure_fwd(orig, calib, fwd)
     base_src = baseline_src(a.baseline) if a.baseline else None
-    runs: dict = {}
+    order: list[tuple[str, str]] = []  # (recipe or peer, "this" | "baseline"), in the order of the first round
     for key in [k for k in a.frugal.split(",") if k]:
-        runs[key] = {"this": run_one(key, orig, src, calib, a, "this")}
+        order.append((key, "this"))
         if base_src and key in a.baseline_recipes.split(","):
-            runs[key]["baseline"] = run_one(key, orig, src, calib, a, "baseline", base_src)
-            runs[key]["same_bytes"] = same_bytes(runs[key]["this"], runs[key]["baseline"])
+            order.append((key, "baseline"))
+    failed: dict[str, str] = {}
     for key in [k for k in a.peers.split(",") if k]:
         ok, why = P.ensure_venv(P.PEER_BY_KEY[key].venv)
-        runs[key] = {"this": run_one(key, orig, src, calib, a, "this") if ok else {"error": why}}
+        order += [(key, "this")] if ok else []
+        failed |= {} if ok else {key: why}
+    done: dict[tuple[str, str], list[dict]] = {}
+    for r in range(a.repeats):  # round 2 runs the list backwards (A B B A ...): no run always goes first
+        for key, tag in order if r % 2 == 0 else order[::-1]:
+            rec = run_one(key, orig, src, calib, a, tag, base_src if tag == "baseline" else None)
+            done.setdefault((key, tag), []).append(rec)
+    runs = fastest_runs(done, failed)
     measure_fwd(orig, calib, fwd)
     body = table(fwd, runs, a)
     print(body)

@@ -5,6 +5,7 @@ g32), does plain transformers reload the output to frugal's own result, and is e
     .venv/bin/python bench/families.py                 # every causal-LM family (~1 h on 2 cores)
     .venv/bin/python bench/families.py mixtral qwen3   # some families (not published)
     .venv/bin/python bench/families.py --rerun-failed  # the families the last full run failed, merged
+    .venv/bin/python bench/families.py --rerun-failed jetmoe   # those and the named ones, merged
 
 Each family runs in its own process (a crash or a hang costs that family only). Prints a table and rewrites
 the `families` section of docs/benchmarks.md; per-family details in bench/results/families.json.
@@ -52,6 +53,9 @@ def _float_matrices(model, quantized) -> list[str]:
     from frugal.load.experts import is_fused_experts
 
     out += [n for n, m in model.named_modules() if is_fused_experts(m)]
+    # expert stacks outside transformers' experts interface (JetMoE's ParallelExperts): 3-D float weights
+    out += [n for n, m in model.named_modules() if n.startswith(name + ".") and type(m).__name__.endswith("Experts")
+            and not is_fused_experts(m) and any(p.dim() == 3 for p in m.parameters(recurse=False))]
     return out
 
 
@@ -176,18 +180,20 @@ def main() -> None:
     if a.rerun_failed:
         results = json.loads(saved.read_text())["results"]
         failed = [r["family"] for r in results if r["stage"] not in ("ok", "build")]
-        redone = {r["family"]: r for r in run_all(failed)}
+        redone = {r["family"]: r for r in run_all(failed + a.families)}
         results = [redone.get(r["family"], r) for r in results]
-        note = f"The {len(failed)} families that failed the full run were re-run after the fixes it showed. "
+        named = f" (and {', '.join(a.families)}, after a change to the check)" if a.families else ""
+        note = f"The {len(failed)} families that failed the full run{named} were re-run after the fixes it showed. "
     else:
         results = run_all(a.families or causal_families())
     (ROOT / "bench" / "results").mkdir(exist_ok=True)
-    if not a.families:
+    whole = a.rerun_failed or not a.families  # every family's row: saved and published
+    if whole:
         (ROOT / "bench" / "results" / "families.json").write_text(json.dumps(
             {"transformers": transformers.__version__, "results": results}, indent=2) + "\n")
     publish("families", "Every causal-LM family: compress, reload, nothing left float", "bench/families.py",
             ["--rerun-failed"] if a.rerun_failed else [],
-            f"transformers {transformers.__version__}. {note}" + summary(results), docs=not a.families)
+            f"transformers {transformers.__version__}. {note}" + summary(results), docs=whole)
 
 
 if __name__ == "__main__":

@@ -43,11 +43,10 @@ from frugal.compression.workdir import (MANIFEST, SlotFile, SlotWriter, fingerpr
                                         save_shard, write_json, write_slots)
 from frugal.config import as_recipe
 from frugal.errors import FrugalError
-from frugal.exporters.compressed_tensors import (compressed_state_dict, dequantize_route, one_scheme_each,
-                                                 quantization_config)
+from frugal.exporters.compressed_tensors import (checkpoint_linears, compressed_state_dict, dequantize_route,
+                                                 one_scheme_each, quantization_config)
 from frugal.exporters.hf import dedupe_tied, write_metadata
 from frugal.load.blocks import find_blocks, outside_linears
-from frugal.load.experts import moe_layers
 from frugal.load.model import load_tokenizer
 from frugal.load.lazy import Source, build_skeleton, fixed_mmap_threshold, load_outside, materialise, release
 
@@ -145,12 +144,11 @@ class _Collect:
 
 
 # -- one block ------------------------------------------------------------------------------------
-def block_tensors(block: nn.Module, prefix: str, quantized: dict, dtype: Any = None) -> dict[str, torch.Tensor]:
-    """The block's output tensors by full name, quantized weights packed as compressed-tensors, float
-    tensors in `dtype` (None: as they are)."""
+def block_tensors(model: nn.Module, prefix: str, quantized: dict, dtype: Any = None) -> dict[str, torch.Tensor]:
+    """Block `prefix`'s output tensors by full name, quantized weights packed as compressed-tensors (MoE
+    experts under the checkpoint's names), float tensors in `dtype` (None: as they are)."""
 
-    rel = {name[len(prefix) + 1:]: qw for name, qw in quantized.items()}
-    return {f"{prefix}.{k}": v for k, v in compressed_state_dict(block, rel, dtype).items()}
+    return compressed_state_dict(model, quantized, dtype, under=prefix)
 
 
 # -- the job ------------------------------------------------------------------------------------------
@@ -184,7 +182,7 @@ def _run_block(job: _Job, i: int, inputs: Sequence[torch.Tensor] | None, args: t
     """Read, quantize, write and release block i, then checkpoint; its outputs (the next block's inputs)."""
 
     block, prefix = job.blocks[i], f"{job.blocks_name}.{i}"
-    materialise(block, prefix, job.src)
+    materialise(block, prefix, job.src, model=job.model)
     job.progress("block-start", i)
     acts = job.work / _acts_name(i + 1)
 
@@ -198,7 +196,7 @@ def _run_block(job: _Job, i: int, inputs: Sequence[torch.Tensor] | None, args: t
         write_slots(acts, out)
         if not job.in_ram:
             out = SlotFile(acts)  # the list goes; the next block reads its inputs from disk one at a time
-    sha = save_shard(block_tensors(block, prefix, q, job.recipe.cast_dtype()), job.shard_dir / job.shard_name(i))
+    sha = save_shard(block_tensors(job.model, prefix, q, job.recipe.cast_dtype()), job.shard_dir / job.shard_name(i))
     release(block)
     del q
     job.progress("shard", i)
@@ -291,16 +289,14 @@ def _finish(job: _Job, samples, outputs, tokenizer, report_args: tuple) -> None:
     """Outside layers, the last shard, index, config, tokenizer and frugal.json, all in the work directory."""
 
     quantized, outside_reports = _quantize_outside(job, samples, outputs)
-    prefix = job.blocks_name + "."
-    sd = {k: v for k, v in compressed_state_dict(job.model, quantized, job.recipe.cast_dtype()).items()
-          if not k.startswith(prefix)}
+    sd = compressed_state_dict(job.model, quantized, job.recipe.cast_dtype(), skip=job.blocks_name)
     save_shard(dedupe_tied(sd), job.shard_dir / job.shard_name(len(job.blocks)))
     _write_index(job.shard_dir)
     reports = {**layer_reports(dict(job.manifest["layers"])), **outside_reports}
     schemes = {n: _Scheme(r.bits, r.group_size, None if r.symmetric else True) for n, r in reports.items()}
-    linears = [n for n, m in job.model.named_modules() if isinstance(m, nn.Linear)]
     dense_route = dequantize_route(job.model, schemes)
-    qc = quantization_config(schemes, linears, dense_first=dense_route)
+    linears, named = checkpoint_linears(job.model, schemes)  # MoE experts: the checkpoint's names
+    qc = quantization_config(named, linears, dense_first=dense_route)
     if dense_route:
         qc["dequantize"] = True
         if len(one_scheme_each(job.model, schemes)) < len(schemes):  # the shards are written: say so
@@ -365,10 +361,6 @@ def compress_streaming(model: Any = None, recipe: Any = None, out: str | Path = 
     out = check_output_dir(out, overwrite, sources=(source, directory))
     src = Source(directory)
     skeleton = build_skeleton(directory)
-    experts = moe_layers(skeleton)
-    if experts:
-        raise FrugalError(f"--stream: {directory} is a MoE model ({experts[0]}); streaming does not "
-                          f"take experts yet: compress it in memory (without --stream)")
     blocks_name, blocks = find_blocks(skeleton)
     recipe = fit_groups(skeleton, recipe)
     check_plan(skeleton, recipe, ("compressed-tensors",), calibration)

@@ -71,17 +71,24 @@ def quantization_config(quantized: dict[str, QuantizedWeight], all_linears: list
 
 
 def compressed_state_dict(model: torch.nn.Module, quantized: dict[str, QuantizedWeight],
-                          dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+                          dtype: torch.dtype | None = None, under: str = "", skip: str = ""
+                          ) -> dict[str, torch.Tensor]:
     """The model's state dict (float tensors in `dtype`, None: as they are) with each quantized `weight`
-    replaced by its packed form."""
+    replaced by its packed form; only the submodule `under` and not what is under `skip` (a streamed
+    block, the pieces outside the blocks), full names either way."""
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
     from frugal.exporters.hf import dense_state_dict
     from frugal.load.experts import expert_groups, to_checkpoint
 
-    sd = dense_state_dict(model, dtype, drop=frozenset(f"{name}.weight" for name in quantized))
-    if expert_groups(model):  # MoE: the experts under the checkpoint's names and layout
-        sd, quantized, _ = to_checkpoint(model, sd, quantized, dtype)
+    pre = f"{under}." if under else ""
+    part = model.get_submodule(under) if under else model
+    drop = frozenset(f"{name[len(pre):]}.weight" for name in quantized if name.startswith(pre))
+    sd = {pre + k: v for k, v in dense_state_dict(part, dtype, drop=drop).items()
+          if not (skip and (pre + k).startswith(skip + "."))}
+    groups = [g for g in expert_groups(model) if g.startswith(pre) and not (skip and g.startswith(skip + "."))]
+    if groups:  # MoE: the experts under the checkpoint's names and layout
+        sd, quantized, _ = to_checkpoint(model, sd, quantized, dtype, groups=groups)
     for name, qw in quantized.items():
         sd[f"{name}.weight_packed"] = pack_to_int32(qw.q, qw.bits)
         sd[f"{name}.weight_scale"] = qw.scale

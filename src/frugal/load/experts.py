@@ -189,28 +189,32 @@ def scatter_rows(part: Part, tensor: torch.Tensor, into: dict[int, torch.Tensor]
 
 
 def row_slice(qw: Any, rows: torch.Tensor) -> Any:
-    """The QuantizedWeight of some output rows of `qw` (codes, scales and zero points sliced alike)."""
+    """The QuantizedWeight of some output rows of `qw` (codes, scales and zero points sliced alike); a
+    scheme record without codes (streaming's) as it is."""
+    if not hasattr(qw, "q"):
+        return qw
     zp = None if qw.zero_point is None else qw.zero_point[rows]
     return replace(qw, q=qw.q[rows], scale=qw.scale[rows], zero_point=zp)
 
 
-def _is_expert_tensor(key: str, groups: dict[str, ExpertLinears]) -> bool:
+def is_expert_tensor(key: str, groups: dict[str, ExpertLinears]) -> bool:
     """`<group>.<e>.<proj>.weight|bias`: a tensor of an expert linear (frugal's names)."""
     return is_expert_layer(key.rpartition(".")[0], groups) is not None
 
 
 def to_checkpoint(model: nn.Module, sd: dict[str, torch.Tensor], quantized: dict[str, Any],
-                  dtype: torch.dtype | None, dense: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[str]]:
+                  dtype: torch.dtype | None, dense: bool = True, groups: Any = None
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[str]]:
     """The state dict `sd` and quantized weights of `model` from frugal's expert names (`<group>.<e>.<proj>`)
     to the checkpoint's: (state dict, quantized weights by checkpoint layer name, the checkpoint layers that
     are one expert's 2-D weight). Where a checkpoint tensor is not one expert's rows (a fused 3-D
     checkpoint), the quantized experts are stored dequantized, with a warning; `dense` False: names only
-    (no dense tensors gathered, no warning)."""
-    groups = expert_groups(model)
-    sd = {k: v for k, v in sd.items() if not _is_expert_tensor(k, groups)}
-    out_q = {n: qw for n, qw in quantized.items() if is_expert_layer(n, groups) is None}
+    (no dense tensors gathered, no warning); `groups`: only those experts (a streamed block's)."""
+    every = expert_groups(model)
+    sd = {k: v for k, v in sd.items() if not is_expert_tensor(k, every)}
+    out_q = {n: qw for n, qw in quantized.items() if is_expert_layer(n, every) is None}
     linears: list[str] = []
-    for g, ex in groups.items():
+    for g, ex in _selected(model, groups).items():
         for proj in (ex.in_proj, "down_proj"):
             lins = [getattr(ex.expert(e), proj) for e in range(ex.num_experts)]
             names = [f"{g}.{e}.{proj}" for e in range(ex.num_experts)]
@@ -234,16 +238,32 @@ def to_checkpoint(model: nn.Module, sd: dict[str, torch.Tensor], quantized: dict
     return sd, out_q, linears
 
 
-def from_checkpoint(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`state` (checkpoint names, float weights) with every expert tensor moved to frugal's names in the
-    unfused `model` (each expert's `<group>.<e>.<proj>.weight|bias`); the inverse of to_checkpoint."""
-    groups = expert_groups(model)
+def _selected(model: nn.Module, groups: Any) -> dict[str, ExpertLinears]:
+    """The model's ExpertLinears, only those named in `groups` when it is given."""
+    found = expert_groups(model)
+    return found if groups is None else {g: found[g] for g in groups}
+
+
+def checkpoint_expert_tensors(model: nn.Module, groups: Any = None) -> list[str]:
+    """The checkpoint tensor names that hold the experts `groups` (default: all) of the unfused `model`."""
+    names = []
+    for g, ex in _selected(model, groups).items():
+        for proj in (ex.in_proj, "down_proj"):
+            for bias in (False, True) if ex.has_bias else (False,):
+                names += [p.name for p in layout(model, g, proj, bias=bias)]
+    return names
+
+
+def from_checkpoint(model: nn.Module, state: dict[str, torch.Tensor], groups: Any = None) -> dict[str, torch.Tensor]:
+    """`state` (checkpoint names, float weights) with the tensors of the experts `groups` (default: all)
+    moved to frugal's names in the unfused `model` (each expert's `<group>.<e>.<proj>.weight|bias`; the
+    model's weights may be on the meta device); the inverse of to_checkpoint."""
     state = dict(state)
-    for g, ex in groups.items():
+    for g, ex in _selected(model, groups).items():
         for proj in (ex.in_proj, "down_proj"):
             for kind in ("weight", "bias") if ex.has_bias else ("weight",):
                 lins = [getattr(ex.expert(e), proj) for e in range(ex.num_experts)]
-                into = {e: torch.empty_like(getattr(lin, kind)) for e, lin in enumerate(lins)}
+                into = {e: torch.empty_like(getattr(lin, kind), device="cpu") for e, lin in enumerate(lins)}
                 for part in layout(model, g, proj, bias=kind == "bias"):
                     if part.name not in state:
                         raise KeyError(part.name)

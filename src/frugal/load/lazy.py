@@ -16,7 +16,8 @@ import torch.nn as nn
 from frugal.compression.preflight import DTYPE_CODES, checkpoint_tensors, read_header
 from frugal.errors import FrugalError
 from frugal.load.finite import check_finite
-from frugal.load.linears import TransposedLinear, conv1d_as_linear
+from frugal.load.experts import checkpoint_expert_tensors, expert_groups, from_checkpoint, is_expert_tensor
+from frugal.load.linears import TransposedLinear, as_linears
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ def build_skeleton(directory: Path) -> nn.Module:
     except Exception as e:
         reason = str(e).splitlines()[0][:200]
         raise FrugalError(f"{directory}: transformers cannot build this model ({reason})") from None
-    conv1d_as_linear(model)  # GPT-2 style Conv1D as linear layers; materialise transposes their weights
+    as_linears(model)  # MoE experts unfused, Conv1D as linear layers: materialise reads them in place
     return model.eval()
 
 
@@ -88,16 +89,58 @@ def set_tensor(root: nn.Module, name: str, value: torch.Tensor) -> None:
         mod._buffers[leaf] = value
 
 
-def materialise(root: nn.Module, prefix: str, src: Source) -> None:
-    """Read the parameters and persistent buffers of module `root` (full name `prefix`) from the files."""
-    names = {n: f"{prefix}.{n}" if prefix else n for n in root.state_dict()}
-    tensors = src.read([full for full in names.values() if full in src.tensors])
-    for n, full in names.items():
-        if full in tensors:
-            owner = root.get_submodule(n.rpartition(".")[0])
-            t = tensors[full]
-            set_tensor(root, n, t.t().contiguous() if isinstance(owner, TransposedLinear) and n.rpartition(".")[2] == "weight" else t)
-    missing = [names[n] for n, p in root.named_parameters() if p.is_meta]
+def _set_from_checkpoint(root: nn.Module, name: str, t: torch.Tensor) -> None:
+    """set_tensor of a checkpoint tensor: a Conv1D's (in, out) weight transposed into its TransposedLinear."""
+    owner = root.get_submodule(name.rpartition(".")[0])
+    if isinstance(owner, TransposedLinear) and name.rpartition(".")[2] == "weight":
+        t = t.t().contiguous()
+    set_tensor(root, name, t)
+
+
+def _materialise_experts(model: nn.Module, prefix: str, root: nn.Module, src: Source, groups: list[str]) -> None:
+    """The unfused MoE experts `groups` under `prefix` from the checkpoint's own expert tensors (load.experts)."""
+    if not groups:
+        return
+    wanted = checkpoint_expert_tensors(model, groups)
+    absent = [n for n in wanted if n not in src.tensors]
+    if absent:
+        raise FrugalError(f"{src.directory}: tensor {absent[0]} is not in the checkpoint files")
+    for full, t in from_checkpoint(model, src.read(wanted), groups).items():
+        set_tensor(root, full[len(prefix) + 1:], t)
+
+
+def stored_name(model: nn.Module, name: str, like: torch.Tensor, src: Source) -> str:
+    """The name under which the checkpoint stores the model's tensor `name`: itself, or the name transformers'
+    conversion mapping renames from (Mixtral's `block_sparse_moe.gate` is the model's `mlp.gate`)."""
+    if name in src.tensors:
+        return name
+    from transformers.core_model_loading import revert_weight_conversion
+
+    try:
+        found = list(revert_weight_conversion(model, {name: torch.empty(like.shape, device="meta")}))
+    except Exception:  # no mapping for this family, or one that needs real data: the name as it is
+        return name
+    return found[0] if len(found) == 1 and found[0] in src.tensors else name
+
+
+def materialise(root: nn.Module, prefix: str, src: Source, model: nn.Module | None = None) -> None:
+    """Read the parameters and persistent buffers of module `root` (full name `prefix`) from the files;
+    `model` (the whole skeleton) lays out MoE experts, which the checkpoint stores under its own names, and
+    finds tensors the checkpoint stores under an older name."""
+    state = root.state_dict()
+    every = expert_groups(model) if model is not None else {}
+    groups = [g for g in every if g.startswith(prefix + ".")]
+    names = {}
+    for n, t in state.items():
+        full = f"{prefix}.{n}" if prefix else n
+        if not is_expert_tensor(full, every):
+            names[n] = stored_name(model, full, t, src) if model is not None else full
+    tensors = src.read([stored for stored in names.values() if stored in src.tensors])
+    for n, stored in names.items():
+        if stored in tensors:
+            _set_from_checkpoint(root, n, tensors[stored])
+    _materialise_experts(model, prefix, root, src, groups)
+    missing = [f"{prefix}.{n}" if prefix else n for n, p in root.named_parameters() if p.is_meta]
     if missing:
         raise FrugalError(f"{src.directory}: tensor {missing[0]} is not in the checkpoint files")
 
@@ -143,9 +186,12 @@ def trim_heap() -> None:
 
 def load_outside(model: nn.Module, blocks_name: str, src: Source) -> None:
     """Read every tensor outside the block list (embeddings, norms, head), then re-tie a tied head."""
-    names = [n for n in model.state_dict() if not n.startswith(blocks_name + ".") and n in src.tensors]
-    for n, t in src.read(names).items():
-        set_tensor(model, n, t)
+    names = {n: stored_name(model, n, t, src) for n, t in model.state_dict().items()
+             if not n.startswith(blocks_name + ".")}
+    tensors = src.read([s for s in names.values() if s in src.tensors])
+    for n, stored in names.items():
+        if stored in tensors:
+            _set_from_checkpoint(model, n, tensors[stored])
     model.tie_weights()
     missing = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(blocks_name + ".")]
     if missing:
